@@ -1,0 +1,455 @@
+"""
+FineWeb-Edu, or your own text, tokenized with GPT-2's tokenizer into shards for train_gpt2.py.
+
+    python fineweb.py                # FineWeb-Edu sample-10BT -> edu_fineweb10B/ (needs internet)
+    python fineweb.py --streaming    # the same, tokenizing while it downloads
+    python fineweb.py --input notes.txt books.jsonl web.parquet --prefix mine  # -> data/mine/
+
+Every document becomes [EOT, *its tokens] (GPT-2 separates documents with <|endoftext|>), and
+the documents, in order, form one token stream cut into shards of exactly --shard-size tokens;
+a document that does not fit spills into the next shard, and the last shard holds the rest.
+Shard 0 is the validation split, the others are training data, numbered across both like
+build-nanogpt does: {prefix}_val_000000.bin, {prefix}_train_000001.bin, ...
+
+A shard is an llm.c .bin file: 256 little-endian int32 (MAGIC, VERSION, token count, zeros)
+and then the tokens as uint16, so llm.c's C trainer reads our shards and we read its shards.
+
+Local inputs: a .txt file is one document; .jsonl/.json and .parquet hold one document per
+record in its "text" field and are read through Hugging Face `datasets`, like the hub data.
+
+Safe to kill: a shard gets its final name only once it is complete and on disk, and
+{prefix}_manifest.json records after each shard where the next one starts. Run the same command
+again and it resumes from the last complete shard, ending with the same bytes as an
+uninterrupted run; a finished run with unchanged inputs returns at once.
+
+From Python (train_gpt2.py does this):
+
+    from fineweb import tokenize_local, list_shards, load_shard
+    tokenize_local(["input.txt"], "data/shakespeare", prefix="shakespeare", shard_size=2**15)
+    tokens = load_shard(list_shards("data/shakespeare", "train")[0])  # read-only uint16 memmap
+"""
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from tokenizer import EOT, get_encoding
+
+MAGIC = 20240520   # llm.c's shard magic (dev/data/data_common.py, write_datafile)
+VERSION = 1        # llm.c's version 1: tokens are uint16
+HEADER_INTS = 256  # the header is 256 int32: magic, version, token count, then zeros
+HEADER_BYTES = HEADER_INTS * 4
+
+FINEWEB = "HuggingFaceFW/fineweb-edu"
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DOCS_PER_TASK = 256          # documents a worker gets at once: ~1 MB of text, so pipes are cheap
+SMALL_INPUT_BYTES = 8 << 20  # less takes under a second on one core: not worth a pool
+
+
+class ShardError(ValueError):
+    """A shard file we cannot read; the message names the file and what was expected."""
+
+
+class InputError(ValueError):
+    """An input we cannot tokenize; the message names it and says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# shard files
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a file whose content appears under `path` only once it is complete.
+
+    Nobody may ever see half a file under its final name: we write a temp file in the same
+    directory (so os.replace is a rename), fsync so the bytes are on disk before the name
+    points at them, then rename, which replaces the old file in one step. If the block
+    raises, the temp file is removed and `path` is untouched. train_gpt2.py (checkpoints,
+    log.txt) and hellaswag.py (downloads) write through this too."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_shard(path, tokens):
+    """Writes a 1-D uint16 token array as an llm.c .bin shard, atomically."""
+    if not (isinstance(tokens, np.ndarray) and tokens.dtype == np.uint16 and tokens.ndim == 1):
+        raise TypeError(f"write_shard wants a 1-D uint16 numpy array, got {tokens!r:.80}")
+    if len(tokens) >= 2**31:
+        raise ValueError(f"{path}: {len(tokens)} tokens do not fit the int32 count of the header")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    body = np.ascontiguousarray(tokens, dtype="<u2")  # no copy on a little-endian machine
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        f.write(memoryview(body))
+
+
+def load_shard(path):
+    """The tokens of an llm.c .bin or build-nanogpt .npy shard: a read-only uint16 memmap."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: no such shard file")
+    if path.endswith(".npy"):
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ShardError(f"{path}: not a readable .npy file ({e})") from None
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise ShardError(f"{path}: holds {tokens.dtype} of shape {tokens.shape}, "
+                             "expected 1-D uint16 tokens as build-nanogpt's fineweb.py writes")
+        return tokens
+    if not path.endswith(".bin"):
+        raise ShardError(f"{path}: unknown shard type, expected .bin (llm.c) "
+                         "or .npy (build-nanogpt)")
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if len(header) < HEADER_INTS:
+        raise ShardError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header "
+                         "of an llm.c .bin shard")
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: wrong magic {header[0]}, expected {MAGIC} (llm.c .bin shard)")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: version {header[1]}, expected {VERSION} (uint16 tokens)")
+    count = int(header[2])
+    if size != HEADER_BYTES + 2 * count:
+        raise ShardError(f"{path}: {size} bytes, but its header announces {count} tokens "
+                         f"({HEADER_BYTES + 2 * count} bytes): truncated or damaged, re-create it")
+    if count == 0:  # mmap cannot map zero bytes
+        tokens = np.zeros(0, dtype=np.uint16)
+        tokens.flags.writeable = False
+        return tokens
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def list_shards(data_dir, split):
+    """Sorted full paths of the .bin/.npy shards of `split` ("train" or "val") in data_dir."""
+    if not os.path.isdir(data_dir):
+        return []
+    names = [n for n in os.listdir(data_dir) if f"_{split}_" in n and n.endswith((".bin", ".npy"))]
+    return sorted(os.path.join(data_dir, n) for n in names)
+
+
+def shard_name(prefix, index):
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+# -----------------------------------------------------------------------------
+# documents, always in the same order: resuming counts on it
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _load(datasets, label, hint, path, streaming, **kwargs):
+    try:
+        ds = datasets.load_dataset(path, split="train", streaming=streaming, **kwargs)
+    except Exception as e:  # datasets and pyarrow raise many kinds; the user needs the file
+        raise InputError(f"{label}: cannot load it ({_first_line(e)}); {hint}") from None
+    features = ds.features  # None for a streaming dataset that has not been read yet
+    if features is not None:
+        if "text" not in features:
+            raise InputError(f"{label}: records have no 'text' field (they have: "
+                             f"{', '.join(features)}); put each document's text in 'text'")
+        if getattr(features["text"], "dtype", None) not in ("string", "large_string"):
+            raise InputError(f"{label}: 'text' holds {features['text']}, expected strings")
+        ds = ds.select_columns(["text"])  # don't turn the other columns into Python objects
+    if hasattr(ds, "data") and ds.data.column("text").null_count:  # on disk: find it before work
+        import pyarrow.compute as pc
+        missing = pc.index(ds.data.column("text").is_null(), True).as_py()
+        raise InputError(f"{label}: record {missing + 1} has no 'text'; every record needs one")
+    return ds
+
+
+@contextlib.contextmanager
+def _local_sources(paths, streaming):
+    """Yields [(path, dataset)] in order; the dataset is None for a .txt file, read in its turn."""
+    kinds = [LOCAL_FORMATS[os.path.splitext(p)[1].lower()] for p in paths]
+    if all(kind == "text" for kind in kinds):  # don't pay for importing datasets
+        yield [(p, None) for p in paths]
+        return
+    import datasets
+    # Local files load in seconds: datasets' progress bars would be noise, and it logs read
+    # errors that we raise again as one line naming the file.
+    verbosity = datasets.logging.get_verbosity()
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    hint = "check that it is complete and in the format its extension says"
+    try:
+        yield [(p, None) if kind == "text" else
+               (p, _load(datasets, p, hint, kind, streaming, data_files=[p]))
+               for p, kind in zip(paths, kinds)]
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _fineweb_sources(name, streaming):
+    import datasets
+    hint = "check the internet connection and --name, or tokenize local files with --input"
+    yield [(FINEWEB, _load(datasets, f"{FINEWEB} ({name})", hint, FINEWEB, streaming, name=name))]
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": the exact text
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); "
+                         "convert it first") from None
+
+
+def _documents(sources, start):
+    """The texts of all documents in order, from document number `start` on."""
+    for label, ds in sources:
+        if ds is None:  # a .txt file: one document
+            if start:
+                start -= 1
+            else:
+                yield _read_text(label)
+            continue
+        if start and hasattr(ds, "__len__"):  # on disk: jump ahead without reading
+            if start >= len(ds):
+                start -= len(ds)
+                continue
+            ds, start = ds.skip(start), 0
+        try:
+            for batch in ds.iter(batch_size=DOCS_PER_TASK):
+                texts = batch.get("text")
+                if texts is None or not all(isinstance(t, str) for t in texts):
+                    raise InputError(f"{label}: a record has no 'text' string; "
+                                     "every record needs one")
+                if start:  # a streaming dataset can only skip by reading
+                    texts, start = texts[start:], max(0, start - len(texts))
+                yield from texts
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{label}: reading failed ({_first_line(e)})") from None
+
+
+def _tasks(documents, first_doc):
+    """(index of the first document, its texts) for DOCS_PER_TASK documents at a time."""
+    while texts := list(itertools.islice(documents, DOCS_PER_TASK)):
+        yield first_doc, texts
+        first_doc += len(texts)
+
+
+# -----------------------------------------------------------------------------
+# tokenizing and cutting shards
+
+def encode_documents(texts):
+    """[EOT, *doc 0, EOT, *doc 1, ...] for a list of texts, as one uint16 array."""
+    enc = get_encoding()
+    parts = []
+    for text in texts:
+        try:
+            # With no special tokens allowed or forbidden this is encode_ordinary (the tests
+            # check), but the tokens come back in a buffer instead of a Python list of ints:
+            # ~15% faster than encode_ordinary_batch, which also starts a thread per call.
+            parts.append(enc.encode_to_numpy(text, disallowed_special=()))
+        except UnicodeEncodeError:  # a lone surrogate: encode_ordinary knows how to repair it
+            parts.append(enc.encode_ordinary(text))
+    tokens = np.empty(len(parts) + sum(map(len, parts)), dtype=np.uint16)
+    pos = 0
+    for ids in parts:
+        tokens[pos] = EOT
+        tokens[pos + 1:pos + 1 + len(ids)] = ids
+        pos += 1 + len(ids)
+    return tokens
+
+
+def _encode_task(task):  # what a pool worker runs: top level, so it pickles on every platform
+    first_doc, texts = task
+    return first_doc, encode_documents(texts)
+
+
+def pack_shards(encoded, shard_size, skip=0, progress=None):
+    """Cuts a token stream into shards of exactly shard_size tokens, the last holding the rest.
+
+    encoded yields (first_doc, tokens) in document order; the first `skip` tokens are dropped
+    (a resumed run restarts at a document that the last shard already holds part of). Yields
+    (shard, resume): shard is a view of one reused buffer, so write it before asking for the
+    next; resume = (document, tokens to skip) is where the stream after this shard starts.
+    """
+    buffer = np.empty(shard_size, dtype=np.uint16)  # never a Python list of tokens
+    filled = 0
+    for first_doc, tokens in encoded:
+        pos = min(skip, len(tokens))
+        skip -= pos
+        while pos < len(tokens):
+            n = min(shard_size - filled, len(tokens) - pos)
+            buffer[filled:filled + n] = tokens[pos:pos + n]
+            filled, pos = filled + n, pos + n
+            if progress is not None:
+                progress.update(n)
+            if filled == shard_size:
+                yield buffer, (first_doc, pos)
+                filled = 0
+    if filled:
+        yield buffer[:filled], None
+
+
+# -----------------------------------------------------------------------------
+# a whole run: manifest, resume, pool
+
+def _read_manifest(path):
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("shards"), dict) else None
+
+
+def _shards_intact(out_dir, shards):
+    paths = {os.path.join(out_dir, name): count for name, count in shards.items()}
+    return all(os.path.isfile(p) and os.path.getsize(p) == HEADER_BYTES + 2 * n
+               for p, n in paths.items())
+
+
+def _remove_shards(out_dir, prefix):
+    ours = re.compile(re.escape(prefix) + r"_(val|train)_\d{6}\.bin(\.tmp)?$")
+    for name in os.listdir(out_dir):
+        if ours.match(name):
+            os.remove(os.path.join(out_dir, name))
+
+
+def build_shards(sources, key, out_dir, prefix, shard_size, workers):
+    """Tokenizes the documents of `sources` (a context manager yielding them) into shards in
+    out_dir. Resumes from, and records progress in, {prefix}_manifest.json; does nothing when
+    the manifest says a run with the same `key` finished. Returns the shard paths."""
+    if not 0 < shard_size < 2**31:
+        raise ValueError(f"shard_size must be between 1 and 2**31 - 1, got {shard_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, f"{prefix}_manifest.json")
+    state = _read_manifest(manifest)
+    if state and state.get("key") == key and _shards_intact(out_dir, state["shards"]):
+        if state["done"]:
+            print(f"{prefix}: {len(state['shards'])} shards in {out_dir} are up to date")
+            return [os.path.join(out_dir, name) for name in state["shards"]]
+    else:  # another input or shard size, or a shard was deleted: start over
+        _remove_shards(out_dir, prefix)
+        # shards: name -> token count; resume: (document, tokens to skip) where the next starts
+        state = {"key": key, "shards": {}, "resume": [0, 0], "done": False}
+
+    import multiprocessing
+    from tqdm import tqdm
+    assert get_encoding().n_vocab <= 2**16, "token ids must fit in uint16"
+    start_doc, skip = state["resume"]
+    written = sum(state["shards"].values())
+    # The pool first: forked workers then inherit the tokenizer but none of datasets' threads.
+    with (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool, \
+            sources as docs_sources, \
+            tqdm(desc=prefix, unit="tok", unit_scale=True, initial=written,
+                 postfix={"shards": len(state["shards"])}) as bar:
+        tasks = _tasks(_documents(docs_sources, start_doc), start_doc)
+        encoded = pool.imap(_encode_task, tasks) if pool else map(_encode_task, tasks)
+        t0, new_tokens = time.time(), 0
+        for shard, resume in pack_shards(encoded, shard_size, skip, progress=bar):
+            name = shard_name(prefix, len(state["shards"]))
+            write_shard(os.path.join(out_dir, name), shard)
+            state["shards"][name] = len(shard)
+            state["resume"], state["done"] = resume, resume is None
+            with atomic_write(manifest, "w") as f:
+                json.dump(state, f, indent=1)
+            bar.set_postfix(shards=len(state["shards"]))
+            new_tokens += len(shard)
+        seconds = time.time() - t0
+    state["done"] = True
+    with atomic_write(manifest, "w") as f:
+        json.dump(state, f, indent=1)
+    print(f"{prefix}: {new_tokens:,} tokens tokenized in {seconds:.1f} s "
+          f"({new_tokens / max(seconds, 1e-9) / 1e6:.2f}M tokens/s with {workers} process(es)); "
+          f"{len(state['shards'])} shards in {out_dir}")
+    return [os.path.join(out_dir, name) for name in state["shards"]]
+
+
+def tokenize_local(paths, out_dir, *, prefix="local", shard_size=10**8, workers=None,
+                   streaming=False):
+    """Tokenizes local .txt/.jsonl/.json/.parquet files into shards (see the module docstring);
+    cached: unchanged inputs return the existing shard paths without tokenizing."""
+    if isinstance(paths, (str, os.PathLike)):  # one file, not the characters of its name
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file; check the path")
+        if os.path.splitext(path)[1].lower() not in LOCAL_FORMATS:
+            raise InputError(f"{path}: unknown extension; give .txt (one document per file), "
+                             ".jsonl/.json or .parquet (one document per record, in 'text')")
+    stats = [os.stat(p) for p in paths]
+    key = {"inputs": [{"path": os.path.abspath(p), "bytes": s.st_size, "mtime_ns": s.st_mtime_ns}
+                      for p, s in zip(paths, stats)],
+           "shard_size": shard_size, "tokenizer": "gpt2, EOT before each document"}
+    if workers is None:
+        small = sum(s.st_size for s in stats) < SMALL_INPUT_BYTES
+        workers = 1 if small else os.cpu_count() or 1
+    return build_shards(_local_sources(paths, streaming), key, out_dir, prefix, shard_size, workers)
+
+
+def tokenize_fineweb(out_dir="edu_fineweb10B", *, name="sample-10BT", prefix="edufineweb",
+                     shard_size=10**8, workers=None, streaming=False):
+    """Downloads FineWeb-Edu's `name` subset from the Hugging Face hub and tokenizes it."""
+    key = {"dataset": FINEWEB, "name": name, "shard_size": shard_size,
+           "tokenizer": "gpt2, EOT before each document"}
+    return build_shards(_fineweb_sources(name, streaming), key, out_dir, prefix, shard_size,
+                        workers or os.cpu_count() or 1)
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--input", nargs="+", metavar="FILE",
+                        help="tokenize these .txt/.jsonl/.json/.parquet files, not FineWeb-Edu")
+    parser.add_argument("--name", default="sample-10BT",
+                        help="FineWeb-Edu subset on the hub: sample-10BT, sample-100BT, ...")
+    parser.add_argument("--out-dir", help="shard directory (default: edu_fineweb10B, "
+                        "or data/PREFIX with --input)")
+    parser.add_argument("--prefix", help="shard file name prefix (default: edufineweb, "
+                        "or local with --input)")
+    parser.add_argument("--shard-size", type=int, default=10**8, help="tokens per shard")
+    parser.add_argument("--workers", type=int, help="tokenizer processes (default: one per core; "
+                        "1 for local inputs under 8 MB, where a pool costs more than it saves)")
+    parser.add_argument("--streaming", action="store_true", help="read the data while it "
+                        "downloads instead of into the Hugging Face cache first")
+    args = parser.parse_args(argv)
+    if not 0 < args.shard_size < 2**31:
+        parser.error("--shard-size must be between 1 and 2**31 - 1 (the header holds an int32)")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        if args.input:
+            prefix = args.prefix or "local"
+            tokenize_local(args.input, args.out_dir or os.path.join("data", prefix), prefix=prefix,
+                           shard_size=args.shard_size, workers=args.workers,
+                           streaming=args.streaming)
+        else:
+            tokenize_fineweb(args.out_dir or "edu_fineweb10B", name=args.name,
+                             prefix=args.prefix or "edufineweb", shard_size=args.shard_size,
+                             workers=args.workers, streaming=args.streaming)
+    except (InputError, ShardError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: run the same command again to resume from the last complete shard")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""
+Tests for fineweb.py: shards round-trip, cut at the right places, read llm.c's format and
+build-nanogpt's .npy, survive SIGKILL, cache, and fail on bad input with one clear line.
+
+    python -m pytest -q tests/test_fineweb.py
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import fineweb  # noqa: E402
+from fineweb import MAGIC, VERSION, HEADER_INTS, ShardError  # noqa: E402
+from tokenizer import EOT, get_encoding  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def make_docs(n, seed=0, size=(200, 3000)):
+    """n documents of Shakespeare paragraphs, plus the awkward cases a tokenizer meets."""
+    text = (ROOT / "input.txt").read_text(encoding="utf-8")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        goal, doc = rng.randint(*size), []
+        while sum(map(len, doc)) < goal:
+            doc.append(rng.choice(paragraphs))
+        docs.append("\n\n".join(doc))
+    odd = ["", " ", "café naïve 日本語 🤖", "a <|endoftext|> in it", "\n\n\n  trailing  "]
+    return odd + docs if n >= 10 else docs
+
+
+def expected_stream(docs):
+    enc = get_encoding()
+    return np.array([t for d in docs for t in [EOT] + enc.encode_ordinary(d)], dtype=np.uint16)
+
+
+def concat(paths):
+    return np.concatenate([fineweb.load_shard(p) for p in paths] or [np.zeros(0, np.uint16)])
+
+
+def write_jsonl(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": d}) + "\n")
+
+
+def write_parquet(path, docs):
+    pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), path)
+
+
+def llmc_write(path, tokens):
+    # llm.c's layout, written the way its dev/data/data_common.py does it: a 256-int32
+    # header (magic, version, count), then the uint16 tokens, with plain numpy
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        header.tofile(f)
+        np.asarray(tokens, dtype=np.uint16).tofile(f)
+
+
+def llmc_read(path):
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == 20240520 and header[1] == 1
+    tokens = np.fromfile(path, dtype=np.uint16, offset=256 * 4)
+    assert len(tokens) == header[2]
+    return tokens
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Keeps datasets' cache of our test files out of the home directory."""
+    import datasets
+    cache = str(tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def run_fineweb(*args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "fineweb.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# tokenizing
+
+def test_encode_documents_is_eot_then_encode_ordinary():
+    enc = get_encoding()
+    texts = make_docs(3) + ["", "<|endoftext|>", "x<|endoftext|>y", "lone \ud800 surrogate",
+                            "tabs\t\tand   spaces \n\n", "数字 123456789 ١٢٣", "😀" * 50]
+    want = [t for text in texts for t in [EOT] + enc.encode_ordinary(text)]
+    got = fineweb.encode_documents(texts)
+    assert got.dtype == np.uint16
+    assert got.tolist() == want
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_round_trip(tmp_path, hf_cache, kind):
+    docs = make_docs(40, seed=1)
+    if kind == "txt":  # one document per file
+        paths = [tmp_path / f"doc{i:02d}.txt" for i in range(len(docs))]
+        for p, d in zip(paths, docs):
+            p.write_bytes(d.encode())
+    else:
+        paths = [tmp_path / f"docs.{kind}"]
+        (write_jsonl if kind == "jsonl" else write_parquet)(paths[0], docs)
+    shards = fineweb.tokenize_local(paths, tmp_path / "out", shard_size=5000, workers=1)
+    assert np.array_equal(concat(shards), expected_stream(docs))
+
+
+def test_mixed_inputs_in_order_with_a_pool(tmp_path, hf_cache):
+    docs = make_docs(60, seed=2)
+    (tmp_path / "a.txt").write_text(docs[0], encoding="utf-8")
+    write_jsonl(tmp_path / "b.jsonl", docs[1:30])
+    write_parquet(tmp_path / "c.parquet", docs[30:-1])
+    (tmp_path / "d.txt").write_text(docs[-1], encoding="utf-8")
+    paths = [tmp_path / n for n in ["a.txt", "b.jsonl", "c.parquet", "d.txt"]]
+    shards = fineweb.tokenize_local(paths, tmp_path / "out", prefix="mix", shard_size=3000,
+                                    workers=2)
+    assert np.array_equal(concat(shards), expected_stream(docs))
+
+
+def test_streaming_and_skipping_read_the_same_documents(tmp_path, hf_cache):
+    docs = make_docs(700, seed=3, size=(10, 50))  # several batches of DOCS_PER_TASK
+    write_jsonl(tmp_path / "a.jsonl", docs[:400])
+    (tmp_path / "b.txt").write_text(docs[400], encoding="utf-8")
+    write_jsonl(tmp_path / "c.jsonl", docs[401:])
+    paths = [str(tmp_path / n) for n in ["a.jsonl", "b.txt", "c.jsonl"]]
+    for streaming in [False, True]:
+        with fineweb._local_sources(paths, streaming) as sources:
+            for start in [0, 1, 299, 400, 401, 650, len(docs)]:
+                assert list(fineweb._documents(sources, start)) == docs[start:], (streaming, start)
+
+
+def test_fineweb_from_the_hub_with_a_stand_in_dataset(tmp_path, hf_cache, monkeypatch):
+    # no network here: check what we ask the hub for, and that the rest is the local path
+    import datasets
+    docs = make_docs(30, seed=8)
+    local = datasets.Dataset.from_dict({"text": docs, "score": [3.0] * len(docs)})
+    calls = []
+
+    def load_dataset(path, name=None, *, split, streaming):
+        calls.append((path, name, split, streaming))
+        return local.to_iterable_dataset() if streaming else local
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for streaming in [False, True]:
+        shards = fineweb.tokenize_fineweb(tmp_path / str(streaming), shard_size=5000, workers=1,
+                                          streaming=streaming)
+        assert os.path.basename(shards[0]) == "edufineweb_val_000000.bin"
+        assert np.array_equal(concat(shards), expected_stream(docs))
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", False),
+                     ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+
+
+# -----------------------------------------------------------------------------
+# shards
+
+def test_shard_boundaries(tmp_path):
+    docs = make_docs(30, seed=4)
+    stream = expected_stream(docs)
+    for shard_size in [1000, 777]:
+        out = tmp_path / f"out{shard_size}"
+        paths = []
+        for i, d in enumerate(docs):
+            (tmp_path / f"d{i}.txt").write_text(d, encoding="utf-8")
+            paths.append(tmp_path / f"d{i}.txt")
+        shards = fineweb.tokenize_local(paths, out, prefix="b", shard_size=shard_size, workers=1)
+        names = [os.path.basename(s) for s in shards]
+        assert names == ["b_val_000000.bin"] + [f"b_train_{i:06d}.bin"
+                                                for i in range(1, len(shards))]
+        assert fineweb.list_shards(out, "val") == [str(out / names[0])]
+        assert fineweb.list_shards(out, "train") == [str(out / n) for n in names[1:]]
+        sizes = [len(fineweb.load_shard(s)) for s in shards]
+        assert sizes[:-1] == [shard_size] * (len(shards) - 1) and 0 < sizes[-1] <= shard_size
+        assert np.array_equal(concat(shards), stream)
+
+
+def test_pack_shards_exact_multiple_and_skip():
+    chunks = [(0, np.arange(10, dtype=np.uint16)), (3, np.arange(10, 20, dtype=np.uint16))]
+    got = [(s.copy(), r) for s, r in fineweb.pack_shards(iter(chunks), 5)]
+    assert [s.tolist() for s, _ in got] == [list(range(i, i + 5)) for i in range(0, 20, 5)]
+    assert [r for _, r in got] == [(0, 5), (0, 10), (3, 5), (3, 10)]  # no empty last shard
+    # resuming at (0, 7): the stream from document 0, less the 7 tokens already written
+    got = [s.tolist() for s, _ in fineweb.pack_shards(iter(chunks), 5, skip=7)]
+    assert got == [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19]]
+
+
+def test_write_and_load_shard(tmp_path):
+    tokens = np.array([EOT, 0, 1, 65535, 31373], dtype=np.uint16)
+    path = tmp_path / "x_val_000000.bin"
+    fineweb.write_shard(path, tokens)
+    loaded = fineweb.load_shard(path)
+    assert isinstance(loaded, np.memmap) and loaded.dtype == np.uint16
+    assert not loaded.flags.writeable
+    assert loaded.tolist() == tokens.tolist()
+    assert os.listdir(tmp_path) == [path.name]  # the temp file became the shard
+    fineweb.write_shard(str(path), tokens[:0])
+    assert len(fineweb.load_shard(path)) == 0
+    with pytest.raises(TypeError):
+        fineweb.write_shard(str(path), tokens.astype(np.int64))
+
+
+def test_llmc_reads_ours_and_we_read_llmcs(tmp_path):
+    tokens = expected_stream(make_docs(2, seed=5))
+    ours, theirs = tmp_path / "ours.bin", tmp_path / "theirs.bin"
+    fineweb.write_shard(str(ours), tokens)
+    llmc_write(theirs, tokens)
+    assert np.array_equal(llmc_read(ours), tokens)
+    assert np.array_equal(fineweb.load_shard(theirs), tokens)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_npy_shards(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    np.save(tmp_path / "edufineweb_train_000001.npy", tokens)
+    loaded = fineweb.load_shard(tmp_path / "edufineweb_train_000001.npy")
+    assert loaded.dtype == np.uint16 and isinstance(loaded, np.memmap)
+    assert np.array_equal(loaded, tokens)
+    np.save(tmp_path / "wide.npy", tokens.astype(np.int32))
+    with pytest.raises(ShardError, match=r"wide\.npy.*uint16"):
+        fineweb.load_shard(tmp_path / "wide.npy")
+
+
+def test_bad_shards_name_the_file(tmp_path):
+    good = tmp_path / "good.bin"
+    fineweb.write_shard(str(good), np.arange(100, dtype=np.uint16))
+    data = good.read_bytes()
+
+    def corrupt(name, new_bytes):
+        path = tmp_path / name
+        path.write_bytes(new_bytes)
+        return path
+
+    header = np.frombuffer(data[:1024], dtype=np.int32).copy()
+    header[0] = 20240519
+    with pytest.raises(ShardError, match=r"magic\.bin: wrong magic 20240519, expected 20240520"):
+        fineweb.load_shard(corrupt("magic.bin", header.tobytes() + data[1024:]))
+    header[0], header[1] = MAGIC, 7
+    with pytest.raises(ShardError, match=r"version\.bin: version 7, expected 1"):
+        fineweb.load_shard(corrupt("version.bin", header.tobytes() + data[1024:]))
+    with pytest.raises(ShardError, match=r"truncated\.bin: .*truncated"):
+        fineweb.load_shard(corrupt("truncated.bin", data[:-2]))
+    with pytest.raises(ShardError, match=r"short\.bin: .*header"):
+        fineweb.load_shard(corrupt("short.bin", data[:100]))
+    with pytest.raises(ShardError, match=r"gone\.bin"):
+        fineweb.load_shard(tmp_path / "gone.bin")
+    with pytest.raises(ShardError, match=r"x\.txt"):
+        fineweb.load_shard(corrupt("x.txt", b"hello"))
+
+
+def test_list_shards(tmp_path):
+    assert fineweb.list_shards(tmp_path / "nowhere", "train") == []
+    for name in ["a_train_000002.bin", "a_train_000001.npy", "a_val_000000.bin",
+                 "a_train_000003.bin.tmp", "a_manifest.json", "notes_train_.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert fineweb.list_shards(tmp_path, "train") == [
+        str(tmp_path / "a_train_000001.npy"), str(tmp_path / "a_train_000002.bin")]
+    assert fineweb.list_shards(str(tmp_path), "val") == [os.path.join(tmp_path, "a_val_000000.bin")]
+
+
+def test_load_shard_maps_a_large_shard_without_reading_it(tmp_path):
+    path = tmp_path / "big_train_000001.bin"
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, 100_000_000
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.truncate(4 * HEADER_INTS + 2 * 100_000_000)  # sparse: 200 MB that take no disk
+    code = f"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+import fineweb
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tokens = fineweb.load_shard({str(path)!r})
+assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16 and len(tokens) == 10**8
+windows = [np.array(tokens[i:i + 1025], dtype=np.int64) for i in range(0, 10**8, 10**7)]
+assert len(windows) == 10 and all(len(w) == 1025 for w in windows)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grown // 1024 if sys.platform == "darwin" else grown)  # KiB
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 100 * 1024, f"peak RSS grew by {result.stdout.strip()} KiB"
+
+
+# -----------------------------------------------------------------------------
+# a run: cache, kill and resume, bad input
+
+def test_second_call_is_cached_and_a_changed_input_rebuilds(tmp_path, hf_cache, monkeypatch):
+    data, out = tmp_path / "docs.jsonl", tmp_path / "out"
+    docs = make_docs(50, seed=6)
+    write_jsonl(data, docs)
+    first = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
+    mtimes = [os.stat(p).st_mtime_ns for p in first]
+
+    def no_tokenizing(texts):
+        raise AssertionError("tokenized again although the input did not change")
+
+    monkeypatch.setattr(fineweb, "encode_documents", no_tokenizing)
+    t0 = time.time()
+    assert fineweb.tokenize_local([data], out, prefix="c", shard_size=4000) == first
+    assert time.time() - t0 < 0.5
+    assert [os.stat(p).st_mtime_ns for p in first] == mtimes
+    monkeypatch.undo()
+
+    write_jsonl(data, docs[:20])  # fewer documents: fewer shards, and the old ones must go
+    second = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
+    assert len(second) < len(first)
+    assert np.array_equal(concat(second), expected_stream(docs[:20]))
+    assert fineweb.list_shards(out, "val") + fineweb.list_shards(out, "train") == second
+
+    os.remove(second[-1])  # a deleted shard: the next call makes it again
+    assert fineweb.tokenize_local([data], out, prefix="c", shard_size=4000) == second
+    assert np.array_equal(concat(second), expected_stream(docs[:20]))
+
+
+def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
+    data = tmp_path / "docs.jsonl"
+    write_jsonl(data, make_docs(600, seed=7, size=(1000, 10000)))  # ~1.2M tokens
+    args = ["--input", data, "--shard-size", 60_000, "--workers", 2]
+    reference = fineweb.tokenize_local([data], tmp_path / "ref", shard_size=60_000, workers=2)
+    ref_shards = {os.path.basename(p): Path(p).read_bytes() for p in reference}
+    assert len(ref_shards) >= 15
+
+    out = tmp_path / "killed"
+    seen = {}  # shard name -> mtime when we last checked it
+
+    def new_shards():
+        """Checks every shard that appeared or changed since the last call: a file under
+        a final shard name must always be complete and equal to the uninterrupted run's."""
+        changed = 0
+        for name in os.listdir(out) if out.exists() else []:
+            try:
+                mtime = (out / name).stat().st_mtime_ns
+                if name.endswith(".bin") and seen.get(name) != mtime:
+                    assert (out / name).read_bytes() == ref_shards[name], name
+                    seen[name], changed = mtime, changed + 1
+            except FileNotFoundError:  # removed by a fresh start, or renamed over: fine
+                pass
+        return changed
+
+    def run_and_kill(kill_after_seconds=None, kill_after_shards=None):
+        new_shards()
+        proc = run_fineweb(*args, "--out-dir", out, start_new_session=True)
+        t0, written = time.time(), 0
+        while proc.poll() is None:
+            written += new_shards()
+            if kill_after_seconds is not None and time.time() - t0 > kill_after_seconds or \
+                    kill_after_shards is not None and written >= kill_after_shards:
+                time.sleep(rng.uniform(0, 0.03))
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.003)
+        proc.communicate()
+        new_shards()
+        for _ in range(1000):  # the pool's workers must not outlive the killed process
+            try:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.01)
+            except ProcessLookupError:
+                break
+        else:
+            raise AssertionError("worker processes survived their killed parent")
+
+    rng = random.Random(int(os.environ.get("FINEWEB_TEST_SEED", "1234")))
+    finished = {}  # shard -> mtime, for shards a manifest said were complete when we killed
+    # a kill at a random time (likely in start-up), two soon after a random shard is written
+    for kill in [dict(kill_after_seconds=rng.uniform(0.1, 1.5)),
+                 dict(kill_after_shards=rng.randint(1, 6)),
+                 dict(kill_after_shards=rng.randint(1, 6))]:
+        run_and_kill(**kill)
+        manifest = fineweb._read_manifest(out / "local_manifest.json") or {"shards": {}}
+        for name in manifest["shards"]:
+            finished.setdefault(name, (out / name).stat().st_mtime_ns)
+    assert finished, "no kill came after a shard was complete"
+
+    run_and_kill()  # to the end
+    got = {os.path.basename(p): Path(p).read_bytes()
+           for p in fineweb.list_shards(out, "val") + fineweb.list_shards(out, "train")}
+    assert got.keys() == ref_shards.keys()
+    assert got == ref_shards
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    # resuming kept what was finished: no shard a manifest recorded was written again
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
+
+    rerun = run_fineweb(*args, "--out-dir", out)
+    out_text, _ = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0 and "up to date" in out_text
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"title": "no text here"}\n')
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200))
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    return {"missing.txt": "no such file", "notext.jsonl": "record 2 has no 'text'",
+            "corrupt.parquet": "cannot load it", "data.csv": "unknown extension"}
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path, hf_cache):
+    cases = _bad_inputs(tmp_path)
+    procs = {name: run_fineweb("--input", tmp_path / name, "--out-dir", tmp_path / "out")
+             for name in cases}
+    for name, want in cases.items():
+        _, err = procs[name].communicate(timeout=60)
+        assert procs[name].returncode != 0, name
+        assert "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith("error: ") and name in lines[0] and want in lines[0], lines[0]
