@@ -1,0 +1,55 @@
+"""Shared pieces of the tests: the repository root on sys.path, small token shards, and
+running the real scripts in a subprocess."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A GPT small enough that a training step takes milliseconds on a CPU; the flags go on
+# top of the gpt2 preset, so the code path is the real one.
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--vocab-size", "512", "--batch-size", "4", "--seq-len", "32",
+        "--total-batch-size", "256", "--warmup-steps", "2", "--max-lr", "3e-3",
+        "--eval-every", "4", "--val-tokens", "1024", "--sample-every", "0",
+        "--hellaswag-every", "0", "--device", "cpu", "--no-compile"]
+
+
+def write_token_shards(data_dir, n_train=3, tokens_per_shard=4096, vocab=512, seed=0):
+    """val shard 0 and n_train train shards of a repetitive token stream (so a model can
+    learn it), through fineweb.write_shard: the real format."""
+    import fineweb
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    phrase = rng.integers(0, vocab, size=97)
+    for i in range(n_train + 1):
+        noise = rng.integers(0, vocab, size=tokens_per_shard)
+        tokens = np.where(rng.random(tokens_per_shard) < 0.2, noise,
+                          np.resize(phrase, tokens_per_shard)).astype(np.uint16)
+        split = "val" if i == 0 else "train"
+        fineweb.write_shard(os.path.join(data_dir, f"test_{split}_{i:06d}.bin"), tokens)
+    return data_dir
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_token_shards(str(tmp_path / "shards"))
+
+
+def run(args, timeout=300, cwd=None, env=None, check=True):
+    """python ARGS... in the repository root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable] + args, cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_log(log_dir):
+    """log.txt as [(step, stream, value)]."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return [(int(a), b, float(c)) for a, b, c in (line.split() for line in f)]

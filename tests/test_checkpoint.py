@@ -1,0 +1,183 @@
+"""Checkpoints: exact resume after a SIGKILL at any moment, atomic saves, loading that
+runs no code, clear errors, and export to Hugging Face transformers."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_gpt2
+from conftest import ROOT, TINY, read_log, run
+
+N = 6  # checkpoint at step N, runs of 2N steps
+RUN = TINY + ["--max-steps", str(2 * N), "--checkpoint-every", str(N), "--eval-every", "4",
+              "--keep-checkpoints", "0", "--total-batch-size", "1024"]  # 8 micro steps
+
+
+def env():
+    # the same thread count in every run: float sums are then bitwise reproducible
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from conftest import write_token_shards
+    tmp = tmp_path_factory.mktemp("resume")
+    shards = write_token_shards(str(tmp / "shards"))
+    log_dir = str(tmp / "straight")
+    run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir], env=env())
+    return shards, log_dir, tmp
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigkill_then_resume_is_bitwise_identical(reference, attempt):
+    shards, straight, tmp = reference
+    log_dir = str(tmp / f"killed{attempt}")
+    args = [sys.executable, "train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # kill it at a random moment between the checkpoint at step N and the end: after the
+    # train line of step N + k, plus a random fraction of a step
+    rng = random.Random(attempt)
+    k, delay = rng.randrange(0, N - 2), rng.uniform(0, 0.03)
+    log_path = os.path.join(log_dir, "log.txt")
+    while proc.poll() is None:
+        if os.path.exists(log_path) and f"\n{N + k} train" in open(log_path).read():
+            break
+        time.sleep(0.002)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # whatever moment it died, every file under a checkpoint name is whole
+    for path in train_gpt2.list_checkpoints(log_dir):
+        train_gpt2.read_checkpoint(path)
+    out = run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir,
+                                         "--resume"], env=env())
+    assert f"resuming from {log_dir}/model_{N:05d}.pt at step {N}" in out.stdout
+    a, b = read_log(straight), read_log(log_dir)
+    assert a == b  # every train and val line, bitwise, and nothing twice
+    last = f"model_{2 * N:05d}.pt"
+    wa, wb = weights(os.path.join(straight, last)), weights(os.path.join(log_dir, last))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_of_a_finished_run_and_bad_resumes(reference, tmp_path, capsys):
+    shards, straight, _ = reference
+    ckpt = os.path.join(straight, f"model_{N:05d}.pt")
+    # model flags that disagree with the checkpoint
+    with pytest.raises(SystemExit):
+        train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", str(tmp_path / "x"),
+                               "--resume", ckpt, "--n-layer", "3"])
+    assert "n_layer=2 but this run asks for 3" in capsys.readouterr().err
+    # a fresh run into a log dir that holds a run's checkpoints would overwrite them
+    with pytest.raises(SystemExit):
+        train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", straight])
+    assert "continue it with --resume" in capsys.readouterr().err
+
+
+def test_keep_checkpoints(reference, tmp_path):
+    shards, _, _ = reference
+    log_dir = str(tmp_path / "keep")
+    run(["train_gpt2.py"] + TINY + ["--max-steps", "6", "--checkpoint-every", "2",
+                                    "--keep-checkpoints", "2", "--data-dir", shards,
+                                    "--log-dir", log_dir])
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00004.pt", "model_00006.pt"]
+
+
+def test_checkpoint_holds_plain_data(reference):
+    _, straight, _ = reference
+    ckpt = train_gpt2.read_checkpoint(os.path.join(straight, f"model_{N:05d}.pt"))
+    assert ckpt["step"] == N and isinstance(ckpt["config"], dict)
+    assert ckpt["model_config"] == {"block_size": 32, "vocab_size": 512, "n_layer": 2,
+                                    "n_head": 2, "n_embd": 32}
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert set(ckpt["rng"]) >= {"torch", "numpy", "python"}
+    assert ckpt["train_loader"]["consumed"] == N * 8  # 8 micro batches per step
+    model, _ = train_gpt2.load_checkpoint(os.path.join(straight, f"model_{N:05d}.pt"))
+    assert isinstance(model, train_gpt2.GPT)
+
+
+class Exploit:
+    # a pickle that calls os.system when it is loaded without weights_only
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model_00001.pt"
+    torch.save({"kind": train_gpt2.CHECKPOINT_KIND, "model": Exploit(marker)}, path)
+    with pytest.raises(train_gpt2.CheckpointError, match="weights_only"):
+        train_gpt2.load_checkpoint(str(path))
+    assert not marker.exists()
+    # the same file through the command line: one line, no traceback, no code run
+    out = run(["train_gpt2.py", "--sample", "--checkpoint", str(path)], check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+def test_foreign_and_truncated_checkpoints(reference, tmp_path):
+    _, straight, _ = reference
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(train_gpt2.CheckpointError, match="not a checkpoint of train_gpt2.py"):
+        train_gpt2.load_checkpoint(str(foreign))
+    good = open(os.path.join(straight, f"model_{N:05d}.pt"), "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[:len(good) // 2])
+    with pytest.raises(train_gpt2.CheckpointError, match="truncated"):
+        train_gpt2.load_checkpoint(str(truncated))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path):
+    shards, straight, _ = reference
+    log_dir = tmp_path / "nan"
+    log_dir.mkdir()
+    good = os.path.join(straight, f"model_{N:05d}.pt")
+    (log_dir / f"model_{N:05d}.pt").write_bytes(open(good, "rb").read())
+    # an absurd learning rate blows the weights up within a step or two
+    out = run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", str(log_dir),
+                                         "--resume", "--max-lr", "1e30"], check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "training diverged" in out.stderr and "at step" in out.stderr
+    assert train_gpt2.list_checkpoints(str(log_dir)) == [str(log_dir / f"model_{N:05d}.pt")]
+
+
+def test_export_hf_matches_transformers(reference, tmp_path):
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2,
+                                                n_head=2, n_embd=64)).eval()
+    train_gpt2.export_hf(model, str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        ours = model(idx)[0][..., :50257]
+        theirs = hf(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_export_hf_command(reference, tmp_path):
+    _, straight, _ = reference
+    ckpt = os.path.join(straight, f"model_{2 * N:05d}.pt")
+    out_dir = str(tmp_path / "export")
+    run(["train_gpt2.py", "--export-hf", out_dir, "--checkpoint", ckpt])
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    model, _ = train_gpt2.load_checkpoint(ckpt)
+    idx = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx)[0][..., :512], hf(idx).logits[..., :512],
+                                   atol=1e-5, rtol=0)
