@@ -922,13 +922,15 @@ def _train(cfg, args, d):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, d.device_type,
                                                verbose=d.master)
     min_lr = cfg.max_lr * cfg.min_lr_ratio
-    start_step = 0
+    start_step, val_loss = 0, None
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.load_state_dict(ckpt["train_loader"])
         set_rng_state(ckpt["rng"], d)
-        start_step = ckpt["step"]
+        start_step, val_loss = ckpt["step"], ckpt["val_loss"]
+        if start_step >= cfg.max_steps:
+            say(f"the run is complete: step {start_step} of --max-steps {cfg.max_steps}")
         if d.master:
             trim_log(log_path, start_step)
     elif d.master and os.path.exists(log_path):
@@ -944,7 +946,7 @@ def _train(cfg, args, d):
     flops_token = flops_per_token(model_config, T)
     tokens_per_step = cfg.total_batch_size
     timed_steps, timed_seconds = 0, 0.0
-    first_val = val_loss = None
+    first_val = None
 
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
