@@ -106,11 +106,14 @@ class CausalSelfAttention(nn.Module):
             # a single new token may look at every cached position, so no mask at all
             assert T == 1 or cache.pos == 0
             k, v = cache.update(layer, k, v)  # (B, nh, pos+T, hs)
-        # flash attention where the device has it: the (T, T) attention matrix is never
-        # written to memory
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
+
+    def attend(self, q, k, v, is_causal):
+        # flash attention where the device has it: the (T, T) matrix of scores is never
+        # written to memory (bench.py's ladder compares it with the explicit softmax)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
 class MLP(nn.Module):
@@ -262,7 +265,8 @@ class GPT(nn.Module):
                 sd[k].copy_(w)
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, verbose=False):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, verbose=False,
+                             fused=None):
         # weight decay on the matrices of matmuls and embeddings (2-D), none on biases and
         # layernorm gains: decaying those only fights the normalization
         params = [p for p in self.parameters() if p.requires_grad]  # the tied matrix once
@@ -274,7 +278,7 @@ class GPT(nn.Module):
             print(f"decayed tensors: {len(decay)}, {sum(p.numel() for p in decay):,} parameters; "
                   f"non-decayed: {len(no_decay)}, {sum(p.numel() for p in no_decay):,}")
         # fused AdamW: one kernel for all parameters instead of a loop of small ones
-        fused = device_type == "cuda"
+        fused = device_type == "cuda" if fused is None else fused
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=fused)
 

@@ -1,0 +1,543 @@
+"""
+Benchmarks: the lecture's speed-up ladder, and the CPU hot paths against their plain
+alternatives.
+
+    python bench.py ladder                     # GPT-2 (124M), B=16, T=1024 on a GPU
+    python bench.py ladder --device cpu        # a small GPT on the CPU, about a minute
+    python bench.py ladder --steps 50 --json ladder.json
+    python bench.py cpu                        # every CPU benchmark, PASS/FAIL per target
+    python bench.py cpu --only kvcache         # one of: tokenize loader hellaswag kvcache train
+
+`ladder` trains for --steps steps per rung (after --warmup untimed ones) and each rung
+adds one optimisation to the rungs before it, in the lecture's order. Its A100 figures
+(build-nanogpt, B=16, T=1024, ms/step): fp32 1000, TF32 333, bf16 300, torch.compile 130,
+flash attention 96, vocab 50304 93, fused AdamW 90 (~182k tokens/s, ~50% MFU). llm.c
+reports ~468k tokens/s per H100 on 8xH100 (~40% MFU) and ~56% MFU on 8xA100. Rungs that
+mean nothing on a CPU (TF32, bf16, fused AdamW) are listed as skipped there.
+
+`cpu` measures each hot path as a ratio against its plain alternative timed in the same
+run, so a busy machine moves both sides alike; only the ratios are compared to targets.
+On a CPU shared with other work, torch's threads wait for each other at every op when one
+of them is descheduled; OMP_NUM_THREADS=1 gives slower but steadier figures.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fineweb
+import hellaswag
+from tokenizer import get_encoding
+from train_gpt2 import (GPT, GPT2_VOCAB, CausalSelfAttention, DataLoaderLite, GPTConfig,
+                        UserError, autocast, flops_per_token, peak_flops, resolve_device)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INPUT_TXT = os.path.join(HERE, "input.txt")
+PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128
+
+# -----------------------------------------------------------------------------
+# The ladder's rungs. A rung switches on one field of Settings, on top of every rung
+# above it that ran.
+
+
+@dataclass(frozen=True)
+class Settings:
+    tf32: bool = False        # fp32 matmuls on tensor cores, 10-bit mantissa
+    bf16: bool = False        # autocast the forward to bfloat16
+    compile: bool = False     # torch.compile the model
+    flash: bool = False       # SDPA (flash attention) instead of the explicit softmax
+    vocab_50304: bool = False  # pad the vocabulary to a "nice" number
+    fused_adamw: bool = False  # one kernel for the whole optimizer step
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    turns_on: str = None  # a field of Settings; None for the baseline
+    cuda_only: bool = False
+    lecture_ms: float = None  # build-nanogpt's A100 ms/step at B=16, T=1024
+
+
+RUNGS = [
+    Rung("fp32", lecture_ms=1000),
+    Rung("TF32", "tf32", cuda_only=True, lecture_ms=333),
+    Rung("bf16 autocast", "bf16", cuda_only=True, lecture_ms=300),
+    Rung("torch.compile", "compile", lecture_ms=130),
+    Rung("flash attention", "flash", lecture_ms=96),
+    Rung("vocab 50304", "vocab_50304", lecture_ms=93),
+    Rung("fused AdamW", "fused_adamw", cuda_only=True, lecture_ms=90),
+]
+# Speed-ups this project adds beyond the lecture, once train_gpt2.py has them: a field in
+# Settings, its use in build_model/train_step, and one Rung here. None yet.
+EXTRA_RUNGS = []
+
+
+class ExplicitAttention(CausalSelfAttention):
+    """Attention as the lecture first writes it, before flash attention: the (T, T) matrix
+    of scores is materialized, masked and softmaxed in memory. Same parameters as
+    CausalSelfAttention, so the two give the same logits for the same weights."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        n = config.block_size
+        # True above the diagonal: the future positions a token may not attend to
+        self.register_buffer("future", torch.ones(n, n, dtype=torch.bool).triu(1),
+                             persistent=False)
+
+    def attend(self, q, k, v, is_causal):
+        # q, k, v: (B, nh, T, hs); only training's square, causal case is needed here
+        assert is_causal and q.size(2) == k.size(2), "the explicit attention is for training"
+        T, hs = q.size(2), q.size(3)
+        att = (q @ k.transpose(-2, -1)) / hs ** 0.5  # (B, nh, T, T)
+        att = att.masked_fill(self.future[:T, :T], float("-inf"))
+        att = F.softmax(att, dim=-1)
+        return att @ v  # (B, nh, T, hs)
+
+
+@dataclass
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    batch_size: int
+    seq_len: int
+
+
+GPU_SHAPE = Shape(n_layer=12, n_head=12, n_embd=768, batch_size=16, seq_len=1024)
+CPU_SHAPE = Shape(n_layer=4, n_head=4, n_embd=256, batch_size=4, seq_len=256)
+
+
+def build_model(settings, shape, device, seed=1337):
+    """The same weights for every rung: a 50257-vocab GPT from `seed`; with vocab_50304,
+    the padded model takes all of them and only its 47 extra embedding rows are new."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=shape.seq_len, vocab_size=GPT2_VOCAB, n_layer=shape.n_layer,
+                       n_head=shape.n_head, n_embd=shape.n_embd)
+    model = GPT(config)
+    if settings.vocab_50304:
+        padded = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB))
+        padded_state = padded.state_dict()  # views of padded's parameters
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                # the first 50257 rows of the (tied) embedding; every other tensor whole
+                padded_state[name][:tensor.size(0)].copy_(tensor)
+        model = padded
+    if not settings.flash:
+        for block in model.transformer.h:
+            explicit = ExplicitAttention(model.config)
+            explicit.load_state_dict(block.attn.state_dict())
+            block.attn = explicit
+    return model.to(device)
+
+
+def train_step(model, optimizer, x, y, bf16):
+    """One optimizer step as train_gpt2.py takes it (one micro step); -> the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(x.device.type) if bf16 else contextlib.nullcontext():
+        _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: wait before reading the clock
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. On Linux VmHWM, which reset_peak_rss() can
+    reset; ru_maxrss is not used there, as a process started by a bigger one (pytest,
+    bench.py itself) inherits its parent's peak in ru_maxrss through fork and exec."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    import resource  # macOS: ru_maxrss is the process's own peak, in bytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss():
+    """Start a new peak: Linux lets a process reset its high-water mark (VmHWM). Elsewhere
+    the peak only grows, so a measurement after a bigger one reads low."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak_rss_mb()
+
+
+def time_training(settings, shape, device, steps, warmup):
+    """-> dict of ms/step, tokens/s, MFU, peak memory and losses over `steps` timed steps
+    of one fixed random batch; warm-up steps (compilation, allocator) are untimed, and
+    the device is synchronized before each reading of the clock."""
+    device_type = device.split(":")[0]
+    gc.collect()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        rss_before = reset_peak_rss()
+    torch.set_float32_matmul_precision("high" if settings.tf32 else "highest")
+    model = build_model(settings, shape, device)
+    step_model = torch.compile(model) if settings.compile else model
+    # the project's optimizer, fused as the rung says rather than chosen from the device
+    optimizer = model.configure_optimizers(0.1, 6e-4, device_type, fused=settings.fused_adamw)
+    B, T = shape.batch_size, shape.seq_len
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(GPT2_VOCAB, (2, B, T), generator=gen).to(device)
+    losses, times = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        losses.append(train_step(step_model, optimizer, x, y, settings.bf16))
+        synchronize(device_type)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    # the fastest step: every step does the same work, so a slower one was disturbed (by
+    # another process on a shared CPU, say); on a GPU the steps hardly differ
+    seconds = min(times)
+    if device_type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        memory = peak_rss_mb() - rss_before
+    peak = peak_flops(device_type)
+    tokens_per_s = B * T / seconds
+    # the FLOPs of the model as built (padded vocabulary included: the work the device
+    # does) against the bf16 peak at every rung, as the lecture and llm.c count MFU
+    mfu = None if peak is None else flops_per_token(model.config, T) * tokens_per_s / peak
+    return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "peak_memory_mb": memory, "losses": [loss.item() for loss in losses]}
+
+
+def skip_reason(rung, device_type, cpu_compile):
+    if rung.cuda_only and device_type != "cuda":
+        return "CUDA only"
+    if rung.turns_on == "compile" and device_type != "cuda" and not cpu_compile:
+        return "slow to compile on CPU: --cpu-compile"
+    return None
+
+
+LADDER_COLUMNS = f"{'rung':<17} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'peak mem':>10} " \
+                 f"{'loss':>8} {'A100 ms':>8}"
+
+
+def format_rung(row):
+    lecture = f"{row['lecture_ms']:.0f}" if row["lecture_ms"] else "-"
+    if row.get("skipped"):
+        return f"{row['rung']:<17} skipped: {row['skipped']:<46} {lecture:>8}"
+    mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+    return (f"{row['rung']:<17} {row['ms_per_step']:9.1f} {row['tokens_per_s']:10,.0f} "
+            f"{mfu:>6} {row['peak_memory_mb']:7,.0f} MB {row['losses'][-1]:8.4f} {lecture:>8}")
+
+
+def run_ladder(args):
+    device, device_type = resolve_device(args.device)
+    default = GPU_SHAPE if device_type == "cuda" else CPU_SHAPE
+    shape = Shape(*(getattr(args, f.name) or getattr(default, f.name)
+                    for f in dataclasses.fields(Shape)))
+    steps = args.steps or (20 if device_type == "cuda" else 10)
+    name = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
+    print(f"ladder on {name}: {shape}, {steps} timed steps after {args.warmup} warm-up")
+    print(LADDER_COLUMNS)
+    settings, rows = Settings(), []
+    precision = torch.get_float32_matmul_precision()
+    try:
+        for rung in RUNGS + EXTRA_RUNGS:
+            row = {"rung": rung.name, "lecture_ms": rung.lecture_ms,
+                   "skipped": skip_reason(rung, device_type, args.cpu_compile)}
+            if not row["skipped"]:
+                trial = settings
+                if rung.turns_on:
+                    trial = dataclasses.replace(settings, **{rung.turns_on: True})
+                try:
+                    row.update(time_training(trial, shape, device, steps, args.warmup))
+                    settings = trial
+                except Exception as e:  # e.g. no compiler for torch.compile, out of memory
+                    row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:40]}"
+                if trial.compile:
+                    torch._dynamo.reset()  # no compiled graphs carried into the next rung
+            rows.append(row)
+            print(format_rung(row), flush=True)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    print("A100 ms: build-nanogpt's lecture, GPT-2 124M, B=16, T=1024. llm.c: ~468k tokens/s "
+          "per H100 on 8xH100 (~40% MFU), ~56% MFU on 8xA100.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "steps": steps,
+                       "warmup": args.warmup, "shape": dataclasses.asdict(shape),
+                       "rungs": rows}, f, indent=1)
+    return rows
+
+# -----------------------------------------------------------------------------
+# CPU benchmarks: each returns Results, a measured value against a target.
+
+
+@dataclass
+class Result:
+    name: str
+    measured: str
+    target: str = ""  # empty: reported, not judged
+    passed: bool = None
+    detail: str = ""
+
+
+def best_of(runs, rounds=2):
+    """Runs each callable of the dict `runs` `rounds` times, interleaved; -> (best seconds,
+    last result) per key. On a shared machine a slow stretch then hits both sides of a
+    ratio, and the best round is the least disturbed one."""
+    seconds, results = {}, {}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            results[key] = run()
+            seconds[key] = min(seconds.get(key, float("inf")), time.perf_counter() - t0)
+    return seconds, results
+
+
+def make_corpus(path, n_tokens, seed=0):
+    """A jsonl of ~n_tokens tokens: input.txt's paragraphs, drawn at random into documents
+    of 2-6 KB (FineWeb-Edu's documents are a few KB)."""
+    with open(INPUT_TXT, encoding="utf-8") as f:
+        text = f.read()
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    bytes_per_token = len(text.encode()) / len(get_encoding().encode_ordinary(text))
+    rng, written = random.Random(seed), 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < n_tokens * bytes_per_token:
+            doc, size = [], rng.randint(2000, 6000)
+            while sum(map(len, doc)) < size:
+                doc.append(rng.choice(paragraphs))
+            doc = "\n\n".join(doc)
+            f.write(json.dumps({"text": doc}) + "\n")
+            written += len(doc.encode())
+
+
+def count_tokens(texts):
+    # the limit: tiktoken's own batch encoder, one thread, and nothing else done with
+    # the tokens (not even sending them back)
+    return sum(map(len, get_encoding().encode_ordinary_batch(texts, num_threads=1)))
+
+
+def bench_tokenize(n_tokens, tmp):
+    """fineweb's tokenizing loop (pool of workers, encode_documents, pack_shards, in
+    memory) and the whole `python fineweb.py --input X.jsonl` command, start-up and a
+    fresh datasets cache included, against the limit: encode_ordinary_batch on the same
+    chunks of documents, one process per core. A ratio near 1 means fineweb adds little
+    to the tokenizer's own cost; above 1 is possible, as fineweb's encode_to_numpy skips
+    the Python list of ints that the limit builds."""
+    corpus = os.path.join(tmp, "corpus.jsonl")
+    make_corpus(corpus, n_tokens)
+    with open(corpus, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    chunks = [docs[i:i + fineweb.DOCS_PER_TASK] for i in range(0, len(docs), fineweb.DOCS_PER_TASK)]
+    workers = os.cpu_count() or 1
+    get_encoding()  # built once here, inherited by forked workers as fineweb's are
+    with multiprocessing.Pool(workers) as pool:
+        pool.map(count_tokens, chunks[:workers])  # workers started and warm
+        seconds, counts = best_of({
+            "limit": lambda: sum(pool.imap(count_tokens, chunks)),
+            # build_shards' loop without the files: encode in the pool, pack into shards
+            "loop": lambda: sum(len(shard) for shard, _ in fineweb.pack_shards(
+                pool.imap(fineweb._encode_task, fineweb._tasks(iter(docs), 0)), 10 ** 8))})
+    n = counts["limit"]
+    assert counts["loop"] == n + len(docs), "the loop does the limit's work, plus an EOT per doc"
+    env = dict(os.environ, HF_DATASETS_CACHE=os.path.join(tmp, "hf_cache"))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(HERE, "fineweb.py"), "--input", corpus,
+                    "--out-dir", os.path.join(tmp, "shards")], check=True, env=env,
+                   capture_output=True)
+    command_s = time.perf_counter() - t0
+    limit, loop, command = n / seconds["limit"], n / seconds["loop"], n / command_s
+    detail = (f"{n / 1e6:.1f}M tokens in {len(docs):,} docs, {workers} processes: limit "
+              f"{limit / 1e6:.2f}M tok/s, loop {loop / 1e6:.2f}M, command {command / 1e6:.2f}M "
+              f"({command_s:.1f} s)")
+    return [Result("tokenize: fineweb loop / limit", f"{loop / limit:.2f}x", ">= 0.9x",
+                   loop / limit >= 0.9, detail),
+            Result("tokenize: fineweb.py command / limit", f"{command / limit:.2f}x", ">= 0.8x",
+                   command / limit >= 0.8)]
+
+
+def loader_child(way, shard, B, T):
+    """Runs in a fresh python (bench_loader starts it), so its RSS is the loader's alone."""
+    B, T = int(B), int(T)
+    rss_before = reset_peak_rss()
+    t0 = time.perf_counter()
+    if way == "memmap":
+        x, y = DataLoaderLite(os.path.dirname(shard), "train", B, T).next_batch()
+    else:  # build-nanogpt: the whole shard into memory as int64 tokens, then slice
+        tokens = torch.from_numpy(np.fromfile(shard, dtype=np.uint16, offset=fineweb.HEADER_BYTES)
+                                  .astype(np.int64))
+        buf = tokens[:B * T + 1]
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+    ms = 1000 * (time.perf_counter() - t0)
+    print(json.dumps({"ms": ms, "mb": peak_rss_mb() - rss_before}))
+
+
+def write_sparse_shard(path, n_tokens):
+    """An llm.c shard of n_tokens zeros that takes no disk: the header, then a hole."""
+    header = np.zeros(fineweb.HEADER_INTS, dtype="<i4")
+    header[:3] = fineweb.MAGIC, fineweb.VERSION, n_tokens
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.truncate(fineweb.HEADER_BYTES + 2 * n_tokens)
+
+
+def measure_loader(way, shard, B, T):
+    """loader_child in a fresh python -> {"ms": time to first batch, "mb": peak RSS increase}."""
+    code = "import sys, bench; bench.loader_child(*sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", code, way, shard, str(B), str(T)],
+                         cwd=HERE, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def bench_loader(tmp, n_tokens=10 ** 8, B=8, T=1024):
+    """Time to the first batch and peak RSS increase of DataLoaderLite (a memory map of the
+    shard; only the window read is ever in memory) against build-nanogpt's loader (the
+    whole shard as int64), on a 100M-token shard. Each runs in a fresh process."""
+    shard = os.path.join(tmp, "bench_train_000001.bin")
+    write_sparse_shard(shard, n_tokens)
+    mine, plain = (measure_loader(way, shard, B, T) for way in ("memmap", "int64"))
+    where = f"{n_tokens / 1e6:.0f}M-token shard, B={B}, T={T}"
+    return [Result("loader: peak RSS increase", f"{mine['mb']:.1f} MB", "< 100 MB",
+                   mine["mb"] < 100, f"{where}; whole shard as int64: {plain['mb']:,.0f} MB"),
+            Result("loader: time to first batch", f"{mine['ms']:.1f} ms", "< 50 ms",
+                   mine["ms"] < 50, f"whole shard as int64: {plain['ms']:,.0f} ms")]
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=1024, vocab_size=PADDED_VOCAB, n_layer=4, n_head=4, n_embd=256)
+    return GPT(config).eval()
+
+
+def synthetic_hellaswag(n, seed=0):
+    """n examples in HellaSwag's format from input.txt's lines: a context of ~40 tokens and
+    four endings of ~20, about the real data's lengths."""
+    with open(INPUT_TXT, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if len(line.strip()) > 20]
+    rng = random.Random(seed)
+    return [{"ctx": " ".join(rng.sample(lines, 4)),
+             "endings": [" ".join(rng.sample(lines, 2)) for _ in range(4)],
+             "label": rng.randrange(4)} for _ in range(n)]
+
+
+def bench_hellaswag(n=100):
+    """hellaswag.evaluate with 16 examples per forward (64 rows) against one example per
+    forward, as build-nanogpt's loop runs; same model, same examples. Both compute the
+    logits at every position, scored or not, and on a CPU that lm_head matmul is already
+    efficient at 4 rows: batching saves per-call overhead and little else there."""
+    model, examples = small_model(), synthetic_hellaswag(n)
+    logits = lambda idx: model(idx)[0]  # noqa: E731
+    hellaswag.evaluate(logits, examples[:2], device="cpu", batch_size=2)  # warm-up
+    seconds, results = best_of({batch_size: lambda b=batch_size: hellaswag.evaluate(
+        logits, examples, device="cpu", batch_size=b) for batch_size in (16, 1)})
+    speedup = seconds[1] / seconds[16]
+    same = "same" if results[1] == results[16] else "DIFFERENT"
+    return [Result("hellaswag: batched / one per forward", f"{speedup:.2f}x", ">= 4x",
+                   speedup >= 4, f"{n} examples: {seconds[16]:.2f} s batched, {seconds[1]:.2f} s "
+                   f"one at a time; {same} accuracy counts")]
+
+
+def bench_kvcache(new_tokens=256, prompt=16):
+    """GPT.generate with the KV cache (each new token alone through the network) against
+    the plain loop that recomputes the whole sequence for every token."""
+    model = small_model()
+    idx = torch.randint(GPT2_VOCAB, (1, prompt), generator=torch.Generator().manual_seed(0))
+    model.generate(idx, 4, temperature=0)  # warm-up
+    seconds, outs = best_of({use_cache: lambda c=use_cache: model.generate(
+        idx, new_tokens, temperature=0, use_cache=c) for use_cache in (True, False)})
+    speedup = seconds[False] / seconds[True]
+    same = "same" if torch.equal(outs[True], outs[False]) else "DIFFERENT"
+    return [Result("kv cache: cached / recompute", f"{speedup:.1f}x", ">= 5x", speedup >= 5,
+                   f"{new_tokens} tokens after {prompt}: {new_tokens / seconds[True]:.0f} tok/s "
+                   f"cached, {new_tokens / seconds[False]:.0f} recomputing; {same} greedy tokens")]
+
+
+def bench_train(steps=10, warmup=2):
+    """Training tokens/s at the small CPU shape, as train_gpt2.py runs on a CPU (fp32,
+    SDPA, vocab 50304, no compile). Reported, not judged."""
+    r = time_training(Settings(flash=True, vocab_50304=True), CPU_SHAPE, "cpu", steps, warmup)
+    return [Result("train: tokens/s", f"{r['tokens_per_s']:,.0f}", detail=f"{CPU_SHAPE}: "
+                   f"{r['ms_per_step']:.0f} ms/step, peak RSS +{r['peak_memory_mb']:.0f} MB")]
+
+
+CPU_BENCHMARKS = ["tokenize", "loader", "hellaswag", "kvcache", "train"]
+
+
+def run_cpu(args):
+    results = []
+    print(f"{'benchmark':<38} {'measured':>10} {'target':>10}  result")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for name in [args.only] if args.only else CPU_BENCHMARKS:
+            new = {"tokenize": lambda: bench_tokenize(args.tokens, tmp),
+                   "loader": lambda: bench_loader(tmp),
+                   "hellaswag": bench_hellaswag, "kvcache": bench_kvcache,
+                   "train": bench_train}[name]()
+            for r in new:
+                verdict = "report" if r.passed is None else "PASS" if r.passed else "FAIL"
+                print(f"{r.name:<38} {r.measured:>10} {r.target:>10}  {verdict}", flush=True)
+                if r.detail:
+                    print(f"    {r.detail}")
+            results += new
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+    return results
+
+# -----------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    sub = p.add_subparsers(dest="command", required=True)
+    ladder = sub.add_parser("ladder", help="the lecture's speed-ups, one rung at a time")
+    ladder.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    meaning = {"n_layer": "transformer blocks", "n_head": "attention heads",
+               "n_embd": "embedding width", "batch_size": "rows per step (B)",
+               "seq_len": "tokens per row (T), also the block size"}
+    for field, what in meaning.items():
+        ladder.add_argument("--" + field.replace("_", "-"), type=int, help=(
+            f"{what}; default {getattr(GPU_SHAPE, field)} on CUDA, "
+            f"{getattr(CPU_SHAPE, field)} elsewhere"))
+    ladder.add_argument("--steps", type=int, help="timed steps per rung (default 20 on CUDA, "
+                        "10 elsewhere)")
+    ladder.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps before the clock starts (compilation happens here)")
+    ladder.add_argument("--cpu-compile", action="store_true",
+                        help="run the torch.compile rung off CUDA too (minutes on a CPU)")
+    ladder.add_argument("--json", metavar="OUT", help="also write the table to this file")
+    cpu = sub.add_parser("cpu", help="CPU hot paths against their plain alternatives")
+    cpu.add_argument("--only", choices=CPU_BENCHMARKS, help="run one benchmark")
+    cpu.add_argument("--tokens", type=int, default=20_000_000,
+                     help="size of the tokenization corpus (the issue's full size: 100000000)")
+    cpu.add_argument("--json", metavar="OUT", help="also write the results to this file")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run_ladder(args) if args.command == "ladder" else run_cpu(args)
+    except UserError as e:  # e.g. --device cuda without a GPU: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
