@@ -718,10 +718,10 @@ PRESETS = {
     "gpt3-xl": gpt3_shape(24, 2048, 16, 2 ** 20, 2e-4, 8),
     # the embedded default: a small GPT on input.txt, minutes on a laptop CPU
     "shakespeare": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, data_dir="",
-                        batch_size=4, seq_len=128, total_batch_size=512, max_steps=200,
+                        batch_size=4, seq_len=128, total_batch_size=512, max_steps=400,
                         warmup_steps=20, max_lr=2e-3, weight_decay=0.1, val_tokens=8192,
-                        eval_every=50, hellaswag_every=0, sample_every=100,
-                        checkpoint_every=100, log_dir="log_shakespeare", device="cpu"),
+                        eval_every=100, hellaswag_every=0, sample_every=200,
+                        checkpoint_every=200, log_dir="log_shakespeare", device="cpu"),
 }
 
 
