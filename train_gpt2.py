@@ -519,8 +519,11 @@ def read_checkpoint(path, device="cpu"):
     """torch.load with weights_only=True: tensors and plain data only, so a file cannot
     run code when it is opened. Raises CheckpointError with a one-line reason."""
     import pickle
+    import zipfile
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint at all")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
