@@ -515,9 +515,10 @@ def list_checkpoints(log_dir):
 CHECKPOINT_KIND = "train_gpt2 checkpoint"
 
 
-def read_checkpoint(path, device="cpu"):
+def read_checkpoint(path, device="cpu", mmap=False):
     """torch.load with weights_only=True: tensors and plain data only, so a file cannot
-    run code when it is opened. Raises CheckpointError with a one-line reason."""
+    run code when it is opened. mmap=True maps the tensors instead of reading them, for a
+    look at the plain data. Raises CheckpointError with a one-line reason."""
     import pickle
     import zipfile
     if not os.path.isfile(path):
@@ -525,7 +526,7 @@ def read_checkpoint(path, device="cpu"):
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint at all")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds objects other than tensors and plain data, "
                               f"refused by weights_only=True ({str(e).splitlines()[0][:120]})")
@@ -617,7 +618,7 @@ def plot_log(log_dir, preset=None):
     import matplotlib.pyplot as plt
     if preset is None:
         found = list_checkpoints(log_dir)
-        preset = read_checkpoint(found[-1])["config"]["preset"] if found else "gpt2"
+        preset = read_checkpoint(found[-1], mmap=True)["config"]["preset"] if found else "gpt2"
     streams = read_log(os.path.join(log_dir, "log.txt"))
     ref = REFERENCE.get(preset, {})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
