@@ -946,9 +946,15 @@ def _train(cfg, args, d):
 
     hella_examples = []
     if cfg.hellaswag_every > 0:
-        hella_examples = hellaswag.load_examples(
-            split=None if cfg.hellaswag_jsonl else "val", jsonl=cfg.hellaswag_jsonl or None,
-            limit=cfg.hellaswag_limit or None)
+        def load():
+            return hellaswag.load_examples(split=None if cfg.hellaswag_jsonl else "val",
+                                           jsonl=cfg.hellaswag_jsonl or None,
+                                           limit=cfg.hellaswag_limit or None)
+        # rank 0 downloads the val split if it is not cached yet; the others then read it
+        hella_examples = load() if d.master else []
+        if d.ddp:
+            dist.barrier()
+        hella_examples = hella_examples or load()
     enc = get_encoding()
     peak = peak_flops(d.device_type)
     flops_token = flops_per_token(model_config, T)

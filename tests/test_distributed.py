@@ -78,3 +78,22 @@ def test_two_nodes_with_c10d_rendezvous(single_run):
     outs = [n.communicate(timeout=240)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs
     assert_same_run(single, multi)
+
+
+def test_hellaswag_is_split_across_ranks(single_run):
+    # each rank scores a stride of the examples; the all-reduced counts equal one process's
+    from test_hellaswag import EXAMPLES, write_jsonl
+    shards, _, tmp = single_run
+    jsonl = str(tmp / "hella.jsonl")
+    write_jsonl(jsonl, EXAMPLES)
+    args = TINY + ["--vocab-size", "50304", "--max-steps", "1", "--eval-every", "0",
+                   "--hellaswag-every", "1", "--hellaswag-jsonl", jsonl, "--data-dir", shards]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run(["train_gpt2.py"] + args + ["--log-dir", str(tmp / "hella1")], env=env)
+    p = torchrun(["--standalone", "--nproc_per_node=2"], args + ["--log-dir", str(tmp / "hella2")])
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out
+    assert f"({len(EXAMPLES)} examples)" in out
+    one = [v for _, k, v in read_log(str(tmp / "hella1")) if k == "hella"]
+    two = [v for _, k, v in read_log(str(tmp / "hella2")) if k == "hella"]
+    assert len(one) == 2 and one == two
