@@ -660,43 +660,52 @@ REFERENCE["gpt3-small"] = REFERENCE["gpt2"]  # the same 124M shape
 # Configuration: one dataclass, presets that fill it, and argparse overrides on top.
 
 
+def opt(default, help):
+    # a config field and its --flag's help in one place; build_parser() makes the flags
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "gpt2"
+    preset: str = opt("gpt2", "a starting configuration that the flags below override")
     # model shape
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304  # 50257 padded to a multiple of 128: faster matmuls on GPUs
+    n_layer: int = opt(12, "transformer blocks")
+    n_head: int = opt(12, "attention heads")
+    n_embd: int = opt(768, "embedding width")
+    block_size: int = opt(1024, "longest sequence the model can see")
+    # 50257 padded to a multiple of 128: matmuls on GPUs like round numbers
+    vocab_size: int = opt(50304, "embedding rows (50304: GPT-2's 50257 padded)")
     # data
-    data_dir: str = "edu_fineweb10B"
-    shuffle: bool = True
-    val_tokens: int = 10_485_760  # 20 steps of 8 x 64 x 1024, as build-nanogpt evaluated
+    data_dir: str = opt("edu_fineweb10B", "directory of *_train_*/*_val_* shards (fineweb.py)")
+    shuffle: bool = opt(True, "shuffle shards and windows every epoch")
+    # 20 steps of 8 x 64 x 1024 tokens, as build-nanogpt evaluated
+    val_tokens: int = opt(10_485_760, "tokens of the val split per evaluation")
     # optimization: build-nanogpt's recipe for GPT-2 (124M) on 10B tokens
-    batch_size: int = 64  # micro batch B
-    seq_len: int = 1024  # T
-    total_batch_size: int = 2 ** 19  # tokens per optimizer step, ~0.5M as GPT-3 Small
-    max_steps: int = 19073  # 10B tokens / 2**19
-    warmup_steps: int = 715  # GPT-3's 375M warmup tokens / 2**19
-    max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 1337
-    # what runs along the way, every N steps (0 = never)
-    eval_every: int = 250
-    hellaswag_every: int = 250
-    hellaswag_jsonl: str = ""  # a local file instead of the downloaded val split
-    hellaswag_limit: int = 0  # evaluate only the first N examples (0 = all)
-    sample_every: int = 250
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 2  # the newest K; 0 keeps all
+    batch_size: int = opt(64, "micro batch B: rows per forward pass")
+    seq_len: int = opt(1024, "tokens per row (T)")
+    # ~0.5M tokens per step, as GPT-3 Small
+    total_batch_size: int = opt(2 ** 19, "tokens per optimizer step; gradient accumulation "
+                                         "fills the gap")
+    max_steps: int = opt(19073, "optimizer steps, where the cosine ends")  # 10B / 2**19
+    warmup_steps: int = opt(715, "steps of linear warmup")  # GPT-3's 375M tokens / 2**19
+    max_lr: float = opt(6e-4, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = opt(0.1, "AdamW weight decay on 2-D parameters")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this")
+    seed: int = opt(1337, "seed of the initialization and the data order")
+    # what runs along the way, every N steps
+    eval_every: int = opt(250, "steps between validation losses (0: never)")
+    hellaswag_every: int = opt(250, "steps between HellaSwag evaluations (0: never)")
+    hellaswag_jsonl: str = opt("", "HellaSwag examples from this local jsonl file")
+    hellaswag_limit: int = opt(0, "only the first N HellaSwag examples (0: all)")
+    sample_every: int = opt(250, "steps between printed samples (0: never)")
+    checkpoint_every: int = opt(5000, "steps between checkpoints (0: the last only)")
+    keep_checkpoints: int = opt(2, "keep the newest K checkpoints (0: all)")
     # machinery
-    log_dir: str = "log"
-    device: str = "auto"
-    compile: bool = None  # None: on where it works well (CUDA)
-    dist_timeout: int = 30  # minutes a collective may wait for a dead rank
+    log_dir: str = opt("log", "where log.txt and checkpoints go")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    compile: bool = opt(None, "torch.compile the model (default: on with CUDA)")
+    dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing")
 
 
 def gpt3_shape(n_layer, n_embd, n_head, total, lr, B):
@@ -737,42 +746,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser():
     p = ArgumentParser(description="Train GPT-2 from scratch, or use a checkpoint.",
-                                argument_default=argparse.SUPPRESS)
+                       argument_default=argparse.SUPPRESS)
     flag = p.add_argument
-    flag("--preset", choices=sorted(PRESETS),
-         help="a starting configuration that the flags below override")
-    flag("--n-layer", type=int, help="transformer blocks")
-    flag("--n-head", type=int, help="attention heads")
-    flag("--n-embd", type=int, help="embedding width")
-    flag("--block-size", type=int, help="longest sequence the model can see")
-    flag("--vocab-size", type=int, help="embedding rows (50304: 50257 padded)")
-    flag("--data-dir", help="directory of *_train_*/*_val_* shards (fineweb.py writes them)")
-    flag("--shuffle", action=argparse.BooleanOptionalAction,
-         help="shuffle shards and windows every epoch")
-    flag("--val-tokens", type=int, help="tokens of the val split per evaluation")
-    flag("--batch-size", type=int, help="micro batch: rows per forward pass")
-    flag("--seq-len", type=int, help="tokens per row (T)")
-    flag("--total-batch-size", type=int,
-         help="tokens per optimizer step; gradient accumulation fills the gap")
-    flag("--max-steps", type=int, help="optimizer steps (the cosine ends here)")
-    flag("--warmup-steps", type=int, help="steps of linear learning-rate warmup")
-    flag("--max-lr", type=float, help="peak learning rate")
-    flag("--min-lr-ratio", type=float, help="final learning rate as a fraction of the peak")
-    flag("--weight-decay", type=float, help="AdamW weight decay on 2-D parameters")
-    flag("--grad-clip", type=float, help="clip the global gradient norm to this")
-    flag("--seed", type=int, help="seed of the initialization and the data order")
-    flag("--eval-every", type=int, help="steps between validation losses (0: never)")
-    flag("--hellaswag-every", type=int, help="steps between HellaSwag evals (0: never)")
-    flag("--hellaswag-jsonl", help="HellaSwag examples from this local jsonl file")
-    flag("--hellaswag-limit", type=int, help="only the first N HellaSwag examples")
-    flag("--sample-every", type=int, help="steps between printed samples (0: never)")
-    flag("--checkpoint-every", type=int, help="steps between checkpoints (0: last only)")
-    flag("--keep-checkpoints", type=int, help="keep the newest K checkpoints (0: all)")
-    flag("--log-dir", help="where log.txt and checkpoints go")
-    flag("--device", help="auto, cpu, cuda, cuda:N or mps")
-    flag("--compile", action=argparse.BooleanOptionalAction,
-         help="torch.compile the model (default: on with CUDA)")
-    flag("--dist-timeout", type=int, help="minutes a collective waits before failing")
+    # one --flag per TrainConfig field; what is not given comes from the preset
+    for f in dataclasses.fields(TrainConfig):
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.name == "preset":
+            flag(name, choices=sorted(PRESETS), help=help)
+        elif f.type is bool:
+            flag(name, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            flag(name, type=f.type, help=help)
     # commands other than training
     flag("--resume", nargs="?", const="latest",
          help="continue the newest checkpoint in --log-dir, or the one given")
