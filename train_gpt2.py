@@ -287,9 +287,8 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                   "mlp.c_proj.weight")
 
 
-def num_params(model, embedding=True):
-    n = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    return n if embedding else n - model.transformer.wpe.weight.numel()
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
 
 
 def flops_per_token(config, T):
@@ -501,10 +500,6 @@ def evaluate_loss(model, loader, n_windows, d):
     model.train()
     total = all_reduce_sum(total, d)
     return (total[0] / total[1]).item()
-
-
-def checkpoint_path(log_dir, step):
-    return os.path.join(log_dir, f"model_{step:05d}.pt")
 
 
 def list_checkpoints(log_dir):
@@ -1048,7 +1043,7 @@ def save_checkpoint(cfg, d, raw_model, optimizer, train_loader, step, val_loss):
         "train_loader": train_loader.state_dict(),
         "rng": rng,
     }
-    path = checkpoint_path(cfg.log_dir, step)
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
     # a kill at any moment leaves the previous checkpoints whole and no half-written file
     # under a checkpoint name (the temp file is .model_XXXXX.pt.tmp)
     with fineweb.atomic_write(path) as f:

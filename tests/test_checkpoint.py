@@ -2,6 +2,7 @@
 runs no code, clear errors, and export to Hugging Face transformers."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,14 @@ def test_resume_of_a_finished_run_and_bad_resumes(reference, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", straight])
     assert "continue it with --resume" in capsys.readouterr().err
+    # resuming a run that reached --max-steps trains nothing and says so
+    done = str(tmp_path / "done")
+    shutil.copytree(straight, done)
+    train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", done, "--resume"])
+    assert f"the run is complete: step {2 * N} of --max-steps {2 * N}" in capsys.readouterr().out
+    assert read_log(done) == read_log(straight)
+    assert train_gpt2.list_checkpoints(done) == [os.path.join(done, f"model_{s:05d}.pt")
+                                                 for s in (N, 2 * N)]
 
 
 def test_keep_checkpoints(reference, tmp_path):

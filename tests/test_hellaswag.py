@@ -355,7 +355,7 @@ def test_cli_with_a_train_gpt2_checkpoint(tmp_path, capsys, hf_dir, hf_model):
     path = write_jsonl(tmp_path / "ex.jsonl", EXAMPLES)
     # in this process, to save a second start of torch; the subprocess test above covers
     # what only a real command line shows
-    code = hellaswag.main(["--checkpoint", train_gpt2.checkpoint_path(str(tmp_path), 7),
+    code = hellaswag.main(["--checkpoint", str(tmp_path / "model_00007.pt"),
                            "--jsonl", path, "--device", "cpu", "--limit", "6"])
     out, err = capsys.readouterr()
     assert code == 0, err
