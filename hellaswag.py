@@ -337,7 +337,7 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
       a time, up to float rounding (fp32 logits agree to ~1e-6).
     examples: dicts with ctx, endings, label (load_examples()).
     autocast: a zero-argument callable returning the context manager the forward runs in,
-      e.g. `lambda: train_gpt2.autocast(device_type)` for bf16 on CUDA.
+      e.g. `lambda: train_gpt2.autocast(device_type)` for bf16 where the device has it.
     rank, world_size: this process scores examples[rank::world_size] and returns its own
       counts; the caller sums them over ranks.
     block_size: the model's longest sequence; longer rows lose context tokens from the
@@ -376,7 +376,7 @@ def load_hf_model(name_or_path, device):
     except (OSError, ValueError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise ModelLoadError(f"could not load model {name_or_path!r}: {first.strip()}") from None
-    hf = hf.float().to(device).eval()  # fp32 weights; bf16 comes from autocast on CUDA
+    hf = hf.float().to(device).eval()  # fp32 weights; bf16 comes from autocast
     c = hf.config
     block_size = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
     # use_cache=False: we want logits only, not the keys and values kept for generation

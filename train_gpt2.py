@@ -278,7 +278,8 @@ class GPT(nn.Module):
             print(f"decayed tensors: {len(decay)}, {sum(p.numel() for p in decay):,} parameters; "
                   f"non-decayed: {len(no_decay)}, {sum(p.numel() for p in no_decay):,}")
         # fused AdamW: one kernel for all parameters instead of a loop of small ones
-        fused = device_type == "cuda" if fused is None else fused
+        # (CUDA, and CPUs since torch 2.4: about 6% of a shakespeare step, bench.py ladder)
+        fused = device_type in ("cuda", "cpu") if fused is None else fused
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=fused)
 
@@ -422,11 +423,26 @@ def resolve_device(name):
     return name, device_type
 
 
-def autocast(device_type):
-    # bf16 autocast on CUDA: matmuls in bf16, reductions like the loss kept in fp32.
-    # Elsewhere fp32, which is exact and what the CPU tests compare.
+def bf16_native(device_type):
+    """Whether the device multiplies bf16 matrices in hardware, so bf16 autocast beats fp32:
+    CUDA GPUs from Ampere (A100) on, and x86 CPUs with AVX512-BF16 or AMX. Older GPUs
+    (V100, T4) and other CPUs would emulate bf16, slower than fp32."""
     if device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        # (get_capabilities is newer than some torch we accept: without it, fp32)
+        capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def autocast(device_type, bf16=None):
+    """The context the forward runs in: bf16 autocast (matmuls in bf16, reductions like the
+    loss and softmax in fp32) or plain fp32. bf16=None: bf16 where the device is native."""
+    if bf16 is None:
+        bf16 = bf16_native(device_type)
+    if bf16:
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -486,14 +502,14 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, n_windows, d):
+def evaluate_loss(model, loader, n_windows, d, bf16=None):
     """Mean loss over the first n_windows windows of the val split. The windows are the
     same for any number of ranks (each takes a stride), so val losses compare across runs."""
     model.eval()
     total = torch.zeros(2, device=d.device)  # sum of window losses, number of windows
     for i in range(d.rank, n_windows, d.world_size):
         x, y = loader.window(i)
-        with autocast(d.device_type):
+        with autocast(d.device_type, bf16):
             _, loss = model(x.to(d.device), y.to(d.device))
         total[0] += loss.float()
         total[1] += 1
@@ -700,6 +716,8 @@ class TrainConfig:
     log_dir: str = opt("log", "where log.txt and checkpoints go")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = opt(None, "torch.compile the model (default: on with CUDA)")
+    bf16: bool = opt(None, "bf16 autocast (default: on where the device does bf16 in "
+                           "hardware: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX)")
     dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing")
 
 
@@ -902,6 +920,9 @@ def _train(cfg, args, d):
     raw_model = GPT(model_config).to(d.device)  # nanochat's orig_model: eval, save, sample
     say(f"model: {num_params(raw_model):,} parameters")
     use_compile = cfg.compile if cfg.compile is not None else d.device_type == "cuda"
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_native(d.device_type)
+    say(f"device {d.device}: {'bf16 autocast' if bf16 else 'fp32'}, "
+        f"torch.compile {'on' if use_compile else 'off'}")
     model = torch.compile(raw_model) if use_compile else raw_model
     eval_model = model  # same shapes as training, so compiled once more at most
     if d.ddp:
@@ -947,7 +968,7 @@ def _train(cfg, args, d):
 
         # evaluations see the model after `step` updates; the clock is stopped meanwhile
         if not resumed_here and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
-            val_loss = evaluate_loss(eval_model, val_loader, val_windows, d)
+            val_loss = evaluate_loss(eval_model, val_loader, val_windows, d, bf16)
             first_val = val_loss if first_val is None else first_val
             say(f"step {step:5d} | val loss {val_loss:.4f}")
             if d.master:
@@ -957,7 +978,7 @@ def _train(cfg, args, d):
             # the uncompiled module: eval shapes vary by example, and must not recompile
             n, correct, correct_norm = hellaswag.evaluate(
                 lambda idx: raw_model(idx)[0], hella_examples, device=d.device,
-                autocast=lambda: autocast(d.device_type), rank=d.rank,
+                autocast=lambda: autocast(d.device_type, bf16), rank=d.rank,
                 world_size=d.world_size, enc=enc, block_size=model_config.block_size)
             counts = all_reduce_sum(torch.tensor([n, correct_norm], device=d.device,
                                                  dtype=torch.long), d)
@@ -987,7 +1008,7 @@ def _train(cfg, args, d):
             # is nothing to average yet, so skip the communication
             sync = not d.ddp or micro_step == grad_accum_steps - 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
-                with autocast(d.device_type):
+                with autocast(d.device_type, bf16):
                     _, loss = model(x, y)
                 # gradients add up over micro steps, but the objective is the MEAN over
                 # the whole batch: divide each micro batch's mean loss by their number
