@@ -13,8 +13,9 @@ adds one optimisation to the rungs before it, in the lecture's order. Its A100 f
 (build-nanogpt, B=16, T=1024, ms/step): fp32 1000, TF32 333, bf16 300, torch.compile 130,
 flash attention 96, vocab 50304 93, fused AdamW 90 (~182k tokens/s, ~50% MFU). llm.c
 reports ~468k tokens/s per H100 on 8xH100 (~40% MFU) and ~56% MFU on 8xA100. Rungs that
-mean nothing on the device are listed as skipped: TF32 off CUDA, and bf16 where the
-hardware has no bf16 (a CPU without AVX512-BF16 or AMX).
+mean nothing on the device are listed as skipped: TF32 off CUDA, bf16 where the hardware
+has no bf16 (a CPU without AVX512-BF16 or AMX), and huge pages, this project's rung for
+CPUs, on a GPU.
 
 `cpu` measures each hot path as a ratio against its plain alternative timed in the same
 run, so a busy machine moves both sides alike; only the ratios are compared to targets.
@@ -45,7 +46,7 @@ import hellaswag
 from tokenizer import get_encoding
 from train_gpt2 import (GPT, GPT2_VOCAB, CausalSelfAttention, DataLoaderLite, GPTConfig,
                         UserError, autocast, bf16_native, flops_per_token, peak_flops,
-                        resolve_device)
+                        resolve_device, use_huge_pages)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INPUT_TXT = os.path.join(HERE, "input.txt")
@@ -64,6 +65,7 @@ class Settings:
     flash: bool = False       # SDPA (flash attention) instead of the explicit softmax
     vocab_50304: bool = False  # pad the vocabulary to a "nice" number
     fused_adamw: bool = False  # one kernel for the whole optimizer step
+    huge_pages: bool = False  # 2 MB pages for big CPU tensors (train_gpt2.py on a CPU)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Rung:
     name: str
     turns_on: str = None  # a field of Settings; None for the baseline
     cuda_only: bool = False
+    cpu_only: bool = False
     lecture_ms: float = None  # build-nanogpt's A100 ms/step at B=16, T=1024
 
 
@@ -84,8 +87,11 @@ RUNGS = [
     Rung("fused AdamW", "fused_adamw", lecture_ms=90),
 ]
 # Speed-ups this project adds beyond the lecture, once train_gpt2.py has them: a field in
-# Settings, its use in build_model/train_step, and one Rung here. None yet.
-EXTRA_RUNGS = []
+# Settings, its use in build_model/time_training, and one Rung here.
+EXTRA_RUNGS = [
+    # the CPU's own: without it every step faults the logits' memory in, 4 KB at a time
+    Rung("huge pages", "huge_pages", cpu_only=True),
+]
 
 
 class ExplicitAttention(CausalSelfAttention):
@@ -195,6 +201,8 @@ def time_training(settings, shape, device, steps, warmup):
     else:
         rss_before = reset_peak_rss()
     torch.set_float32_matmul_precision("high" if settings.tf32 else "highest")
+    if settings.huge_pages and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        raise RuntimeError("huge pages need a process started with them: in_fresh_process")
     model = build_model(settings, shape, device)
     step_model = torch.compile(model) if settings.compile else model
     # the project's optimizer, fused as the rung says rather than chosen from the device
@@ -225,9 +233,27 @@ def time_training(settings, shape, device, steps, warmup):
             "peak_memory_mb": memory, "losses": [loss.item() for loss in losses]}
 
 
+def in_fresh_process(fn, *args, env):
+    """fn(*args) in a new python whose environment holds `env` from its start: for the
+    settings PyTorch reads once (THP_MEM_ALLOC_ENABLE, at the first tensor)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # a spawned child starts with this process's environment
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
 def skip_reason(rung, device_type, cpu_compile):
     if rung.cuda_only and device_type != "cuda":
         return "CUDA only"
+    if rung.cpu_only and device_type != "cpu":
+        return "CPU only"
     if rung.turns_on == "bf16" and not bf16_native(device_type):
         return "no bf16 in this device's hardware"
     if rung.turns_on == "compile" and device_type != "cuda" and not cpu_compile:
@@ -268,7 +294,10 @@ def run_ladder(args):
                 if rung.turns_on:
                     trial = dataclasses.replace(settings, **{rung.turns_on: True})
                 try:
-                    row.update(time_training(trial, shape, device, steps, args.warmup))
+                    run = (trial, shape, device, steps, args.warmup)
+                    row.update(in_fresh_process(time_training, *run,
+                                                env={"THP_MEM_ALLOC_ENABLE": "1"})
+                               if trial.huge_pages else time_training(*run))
                     settings = trial
                 except Exception as e:  # e.g. no compiler for torch.compile, out of memory
                     row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:40]}"
@@ -443,7 +472,8 @@ def synthetic_hellaswag(n, seed=0):
 def bench_hellaswag(n=100, device="cpu", model=None):
     """hellaswag.evaluate with 16 examples per forward (64 rows) against one example per
     forward, as build-nanogpt's loop runs; same model, same examples, both as
-    `python hellaswag.py` runs them (bf16 where the device has it). Both compute the logits at every position, scored or not, and on a
+    `python hellaswag.py` runs them (bf16 where the device has it, huge pages: see
+    main()). Both compute the logits at every position, scored or not, and on a
     CPU that lm_head matmul is already efficient at 4 rows: batching saves per-call
     overhead and little else there. A GPU, idle at 4 rows, is where it pays."""
     device_type = device.split(":")[0]
@@ -484,10 +514,10 @@ def bench_kvcache(new_tokens=256, prompt=16):
 
 def bench_train(steps=10, warmup=2):
     """Training tokens/s at the small CPU shape, as train_gpt2.py runs on a CPU (SDPA,
-    vocab 50304, fused AdamW, bf16 where the CPU has it, no compile). Reported, not
-    judged."""
+    vocab 50304, fused AdamW, bf16 where the CPU has it, huge pages, no compile).
+    Reported, not judged."""
     settings = Settings(flash=True, vocab_50304=True, fused_adamw=True,
-                        bf16=bf16_native("cpu"))
+                        bf16=bf16_native("cpu"), huge_pages=True)
     r = time_training(settings, CPU_SHAPE, "cpu", steps, warmup)
     return [Result("train: tokens/s", f"{r['tokens_per_s']:,.0f}", detail=f"{CPU_SHAPE}: "
                    f"{r['ms_per_step']:.0f} ms/step, peak RSS +{r['peak_memory_mb']:.0f} MB")]
@@ -548,6 +578,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "cpu":
+        # as train_gpt2.py and hellaswag.py run on a CPU; before any tensor, as it must be
+        use_huge_pages()
     try:
         run_ladder(args) if args.command == "ladder" else run_cpu(args)
     except UserError as e:  # e.g. --device cuda without a GPU: one line, no traceback

@@ -416,6 +416,8 @@ def positive_int(text):
 def main(argv=None):
     # here, not at the top: train_gpt2 imports this module
     import train_gpt2
+    # each batch's logits are hundreds of MB: huge pages on a CPU, set before any tensor
+    train_gpt2.use_huge_pages()
     args = build_parser().parse_args(argv)
     try:
         if args.split == "test":

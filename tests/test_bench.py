@@ -79,7 +79,7 @@ def test_ladder_runs_end_to_end(tmp_path):
                 "--warmup", "1", "--json", str(out)], timeout=30)
     rows = {row["rung"]: row for row in json.loads(out.read_text())["rungs"]}
     assert list(rows) == [r.name for r in bench.RUNGS + bench.EXTRA_RUNGS]
-    measured = ["fp32", "flash attention", "vocab 50304", "fused AdamW"]
+    measured = ["fp32", "flash attention", "vocab 50304", "fused AdamW", "huge pages"]
     if train_gpt2.bf16_native("cpu"):
         measured.append("bf16 autocast")
     else:
