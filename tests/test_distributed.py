@@ -75,7 +75,13 @@ def test_two_nodes_with_c10d_rendezvous(single_run):
                        "--rdzv_id=test", "--master_addr=127.0.0.1"],
                       TINY + STEPS + ["--data-dir", shards, "--log-dir", multi])
              for r in range(2)]
-    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    try:
+        outs = [n.communicate(timeout=240)[0] for n in nodes]
+    except subprocess.TimeoutExpired:  # show both nodes' output, not just the timeout
+        for n in nodes:
+            n.kill()
+        pytest.fail("two-node run timed out:\n" + "\n-----\n".join(
+            n.communicate()[0][-3000:] for n in nodes))
     assert [n.returncode for n in nodes] == [0, 0], outs
     assert_same_run(single, multi)
 
