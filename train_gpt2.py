@@ -892,7 +892,7 @@ def train(cfg, args):
         # Leave without Python's shutdown. A gloo worker thread can still hold the last
         # reference to a finished collective's tensors; when it lets go while the
         # interpreter is shutting down, it cannot take the GIL and the process aborts
-        # (SIGABRT after a complete run, about 1 run in 15 on a loaded CPU; its torchrun
+        # (SIGABRT after a complete run, about 1 run in 20 on a loaded CPU; its torchrun
         # then fails and the other node's waits 5 minutes at the exit barrier).
         # Everything is saved by now: checkpoints and log.txt are written and closed.
         sys.stdout.flush()

@@ -25,7 +25,6 @@ def test_import_has_no_side_effects(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-
 def thp_available():
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
