@@ -43,10 +43,10 @@ import torch.nn.functional as F
 
 import fineweb
 import hellaswag
-from tokenizer import get_encoding
-from train_gpt2 import (GPT, GPT2_VOCAB, CausalSelfAttention, DataLoaderLite, GPTConfig,
-                        UserError, autocast, bf16_native, flops_per_token, peak_flops,
-                        resolve_device, use_huge_pages)
+from common import run_cli
+from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
+from tokenizer import GPT2_VOCAB, get_encoding
+from train_gpt2 import GPT, CausalSelfAttention, DataLoaderLite, GPTConfig, flops_per_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INPUT_TXT = os.path.join(HERE, "input.txt")
@@ -411,12 +411,12 @@ def loader_child(way, shard, B, T):
     rss_before = reset_peak_rss()
     t0 = time.perf_counter()
     if way == "memmap":
-        x, y = DataLoaderLite(os.path.dirname(shard), "train", B, T).next_batch()
+        DataLoaderLite(os.path.dirname(shard), "train", B, T).next_batch()
     else:  # build-nanogpt: the whole shard into memory as int64 tokens, then slice
         tokens = torch.from_numpy(np.fromfile(shard, dtype=np.uint16, offset=fineweb.HEADER_BYTES)
                                   .astype(np.int64))
         buf = tokens[:B * T + 1]
-        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        buf[:-1].view(B, T), buf[1:].view(B, T)
     ms = 1000 * (time.perf_counter() - t0)
     print(json.dumps({"ms": ms, "mb": peak_rss_mb() - rss_before}))
 
@@ -571,7 +571,7 @@ def build_parser():
     cpu = sub.add_parser("cpu", help="CPU hot paths against their plain alternatives")
     cpu.add_argument("--only", choices=CPU_BENCHMARKS, help="run one benchmark")
     cpu.add_argument("--tokens", type=int, default=20_000_000,
-                     help="size of the tokenization corpus (the issue's full size: 100000000)")
+                     help="size of the tokenization corpus (default: %(default)s; 100000000 to measure at FineWeb shard size)")
     cpu.add_argument("--json", metavar="OUT", help="also write the results to this file")
     return p
 
@@ -581,13 +581,8 @@ def main(argv=None):
     if args.command == "cpu":
         # as train_gpt2.py and hellaswag.py run on a CPU; before any tensor, as it must be
         use_huge_pages()
-    try:
-        run_ladder(args) if args.command == "ladder" else run_cpu(args)
-    except UserError as e:  # e.g. --device cuda without a GPU: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    run_ladder(args) if args.command == "ladder" else run_cpu(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

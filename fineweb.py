@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 
+from common import UserError, atomic_write, run_cli
 from tokenizer import EOT, get_encoding
 
 MAGIC = 20240520   # llm.c's shard magic (dev/data/data_common.py, write_datafile)
@@ -52,38 +53,16 @@ DOCS_PER_TASK = 256          # documents a worker gets at once: ~1 MB of text, s
 SMALL_INPUT_BYTES = 8 << 20  # less takes under a second on one core: not worth a pool
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard file we cannot read; the message names the file and what was expected."""
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """An input we cannot tokenize; the message names it and says what to do."""
 
 
 # -----------------------------------------------------------------------------
 # shard files
-
-@contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Open a file whose content appears under `path` only once it is complete.
-
-    Nobody may ever see half a file under its final name: we write a temp file in the same
-    directory (so os.replace is a rename), fsync so the bytes are on disk before the name
-    points at them, then rename, which replaces the old file in one step. If the block
-    raises, the temp file is removed and `path` is untouched. train_gpt2.py (checkpoints,
-    log.txt) and hellaswag.py (downloads) write through this too."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def write_shard(path, tokens):
     """Writes a 1-D uint16 token array as an llm.c .bin shard, atomically."""
@@ -445,11 +424,12 @@ def main(argv=None):
             tokenize_fineweb(args.out_dir or "edu_fineweb10B", name=args.name,
                              prefix=args.prefix or "edufineweb", shard_size=args.shard_size,
                              workers=args.workers, streaming=args.streaming)
-    except (InputError, ShardError, OSError) as e:
-        sys.exit(f"error: {e}")
+    except OSError as e:  # an unwritable --out-dir, a full disk
+        raise UserError(f"{e.filename or args.out_dir}: {e.strerror or e}") from None
     except KeyboardInterrupt:
-        sys.exit("interrupted: run the same command again to resume from the last complete shard")
+        raise UserError("interrupted: run the same command again to resume from the last "
+                        "complete shard") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -37,8 +37,9 @@ karpathy/llm.c's hellaswag.py):
 The GPT-3 paper (Brown et al. 2020) reports 33.7% zero-shot for GPT-3 Small (125M), the
 line build-nanogpt's 124M run is drawn against.
 
-Importing this module runs nothing; train_gpt2.py imports it for its in-training eval,
-which calls the same evaluate() as the command line.
+Importing this module runs nothing. It never imports the trainer: evaluate() takes the
+model as a function from token ids to logits. train_gpt2.py's in-training eval and the
+command line call the same evaluate().
 """
 
 import argparse
@@ -54,7 +55,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fineweb import atomic_write
+from checkpoint import hf_model, read_checkpoint
+from common import UserError, atomic_write, run_cli
+from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -62,7 +65,7 @@ SPLIT_SIZES = {"train": 39_905, "val": 10_042, "test": 10_003}  # examples per f
 NUM_ENDINGS = 4
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(UserError):
     """A problem the user can fix (a bad file, no network): the message is one line."""
 
 
@@ -337,7 +340,7 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
       a time, up to float rounding (fp32 logits agree to ~1e-6).
     examples: dicts with ctx, endings, label (load_examples()).
     autocast: a zero-argument callable returning the context manager the forward runs in,
-      e.g. `lambda: train_gpt2.autocast(device_type)` for bf16 where the device has it.
+      e.g. `lambda: device.autocast(device_type)` for bf16 where the device has it.
     rank, world_size: this process scores examples[rank::world_size] and returns its own
       counts; the caller sums them over ranks.
     block_size: the model's longest sequence; longer rows lose context tokens from the
@@ -414,34 +417,27 @@ def positive_int(text):
 
 
 def main(argv=None):
-    # here, not at the top: train_gpt2 imports this module
-    import train_gpt2
     # each batch's logits are hundreds of MB: huge pages on a CPU, set before any tensor
-    train_gpt2.use_huge_pages()
+    use_huge_pages()
     args = build_parser().parse_args(argv)
-    try:
-        if args.split == "test":
-            raise HellaSwagError("the test split's labels are not public "
-                                 "(github.com/rowanz/hellaswag/issues/5); evaluate on val")
-        # the data first: a bad file fails before a big model is loaded
-        examples = load_examples(split=args.split, jsonl=args.jsonl, cache_dir=args.cache_dir,
-                                 limit=args.limit)
-        device, device_type = train_gpt2.resolve_device(args.device)
-        if args.checkpoint:
-            ours, _ = train_gpt2.load_checkpoint(args.checkpoint, device)
-            ours.eval()
-            model, block_size = (lambda idx: ours(idx)[0]), ours.config.block_size
-        else:
-            model, block_size = load_hf_model(args.model, device)
-        result = evaluate(model, examples, device=device, batch_size=args.batch_size,
-                          autocast=lambda: train_gpt2.autocast(device_type),
-                          block_size=block_size, verbose=args.verbose, progress=True)
-    except (HellaSwagError, train_gpt2.UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.split == "test":
+        raise HellaSwagError("the test split's labels are not public "
+                             "(github.com/rowanz/hellaswag/issues/5); evaluate on val")
+    # the data first: a bad file fails before a big model is loaded
+    examples = load_examples(split=args.split, jsonl=args.jsonl, cache_dir=args.cache_dir,
+                             limit=args.limit)
+    device, device_type = resolve_device(args.device)
+    if args.checkpoint:
+        # the checkpoint's weights in transformers' GPT-2: the same logits as our GPT
+        hf = hf_model(read_checkpoint(args.checkpoint)).to(device)
+        model, block_size = (lambda idx: hf(idx, use_cache=False).logits), hf.config.n_positions
+    else:
+        model, block_size = load_hf_model(args.model, device)
+    result = evaluate(model, examples, device=device, batch_size=args.batch_size,
+                      autocast=lambda: autocast(device_type), block_size=block_size,
+                      verbose=args.verbose, progress=True)
     print(f"{result.num_total} acc: {result.acc:.4f} acc_norm: {result.acc_norm:.4f}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

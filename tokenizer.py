@@ -20,6 +20,8 @@ import os
 
 import tiktoken
 
+from common import UserError
+
 # sha256 sums that tiktoken_ext/openai_public.py pins for the gpt2 encoding
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -27,11 +29,12 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 # GPT-2's pre-tokenizer regex, in the faster but equivalent form tiktoken uses for
 # "gpt2"/"r50k_base" (possessive quantifiers, a separate trailing-whitespace case)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-EOT = 50256  # <|endoftext|>, the last of GPT-2's 50,257 tokens
+EOT = 50256  # <|endoftext|>, the last of GPT-2's tokens
+GPT2_VOCAB = 50257  # GPT-2's real vocabulary; a model's vocab_size may be padded past it
 
 
-class TokenizerFilesError(RuntimeError):
-    pass
+class TokenizerFilesError(UserError):
+    """GPT-2's vocabulary files are missing or not GPT-2's."""
 
 
 def _data_files():

@@ -1,5 +1,6 @@
 """Shared pieces of the tests: the repository root on sys.path, small token shards, and
 running the real scripts in a subprocess."""
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,45 @@ def read_log(log_dir):
     """log.txt as [(step, stream, value)]."""
     with open(os.path.join(log_dir, "log.txt")) as f:
         return [(int(a), b, float(c)) for a, b, c in (line.split() for line in f)]
+
+
+# written for these tests, in the format of the real files (which also carry ctx_a,
+# ctx_b, activity_label, ...: extra fields are ignored)
+EXAMPLES = [
+    {"ctx": "A woman pours flour into a bowl. She", "label": 1, "activity_label": "Baking",
+     "endings": ["drives the bowl to the airport.", "cracks two eggs over it and stirs.",
+                 "paints the ceiling blue.", "sings to the flour for an hour."]},
+    {"ctx": "A boy kicks a ball across the field. His friend", "label": 0,
+     "endings": ["stops it with his foot.", "eats the ball.",
+                 "climbs into the goal and sleeps until the evening comes.", "is a ball."]},
+    {"ctx": "The man ties his shoes.", "label": 2,
+     "endings": ["The shoes fly away.", "He ties the shoes to the roof.",
+                 "He stands up and starts jogging down the road.", "He."]},
+    {"ctx": "A dog waits by the door. When its owner comes home, the dog", "label": 3,
+     "endings": ["opens the fridge.", "writes a letter.", "plays the piano quietly.",
+                 "jumps up and wags its tail."]},
+    {"ctx": "Two people sit in a canoe on a calm lake. They", "label": 0,
+     "endings": ["paddle slowly toward the shore.", "fly the canoe.",
+                 "read the lake.", "turn the lake into a mountain of sand and stones."]},
+    {"ctx": "A chef slices onions", "label": 2,
+     "endings": ["into the sky.", "with a spoon of music.", "with a sharp knife.", "."]},
+    {"ctx": "How to water a plant. Fill a watering can with water. Pour", "label": 1,
+     "endings": ["the can into the oven.", "the water slowly around the base of the plant.",
+                 "it on your head.", "sand instead of water until the can is empty."]},
+    {"ctx": "A girl holds a kite on a windy hill. She", "label": 3,
+     "endings": ["eats the kite.", "buries the kite.", "folds the hill.",
+                 "runs and lets the wind lift the kite into the air."]},
+    {"ctx": "The teacher writes a sum on the board. The students", "label": 0,
+     "endings": ["copy it into their notebooks.", "erase the school.",
+                 "throw the board out of the window and leave for the beach at once.", "!"]},
+    {"ctx": "A cyclist reaches the top of a steep hill and", "label": 1,
+     "endings": ["swims.", "rolls down the other side with a smile.", "melts.",
+                 "becomes a hill."]},
+]
+
+
+def write_jsonl(path, examples):
+    with open(path, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+    return str(path)

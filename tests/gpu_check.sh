@@ -22,7 +22,7 @@ python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device
 # 128Ki-token shards: every shard holds at least one B*T+1 window of the gpt2 preset
 python fineweb.py --input input.txt --out-dir "$work/shards" --prefix shakespeare \
     --shard-size 131072 --workers 1
-python -c "import sys; sys.path.insert(0, 'tests'); from test_hellaswag import EXAMPLES, write_jsonl; write_jsonl('$work/hella.jsonl', EXAMPLES)"
+python -c "import sys; sys.path.insert(0, 'tests'); from conftest import EXAMPLES, write_jsonl; write_jsonl('$work/hella.jsonl', EXAMPLES)"
 
 python bench.py ladder --json "$out/ladder.json" 2>&1 | tee "$out/ladder.txt"
 

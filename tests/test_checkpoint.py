@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import train_gpt2
+from common import run_cli
 from conftest import ROOT, TINY, read_log, run
 
 N = 6  # checkpoint at step N, runs of 2N steps
@@ -58,8 +60,8 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, attempt):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # whatever moment it died, every file under a checkpoint name is whole
-    for path in train_gpt2.list_checkpoints(log_dir):
-        train_gpt2.read_checkpoint(path)
+    for path in checkpoint.list_checkpoints(log_dir):
+        checkpoint.read_checkpoint(path)
     out = run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir,
                                          "--resume"], env=env())
     assert f"resuming from {log_dir}/model_{N:05d}.pt at step {N}" in out.stdout
@@ -74,13 +76,11 @@ def test_resume_of_a_finished_run_and_bad_resumes(reference, tmp_path, capsys):
     shards, straight, _ = reference
     ckpt = os.path.join(straight, f"model_{N:05d}.pt")
     # model flags that disagree with the checkpoint
-    with pytest.raises(SystemExit):
-        train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", str(tmp_path / "x"),
-                               "--resume", ckpt, "--n-layer", "3"])
-    assert "n_layer=2 but this run asks for 3" in capsys.readouterr().err
+    assert run_cli(train_gpt2.main, RUN + ["--data-dir", shards, "--log-dir", str(tmp_path / "x"),
+                                           "--resume", ckpt, "--n-layer", "3"]) == 1
+    assert "trained with --n-layer 2 (preset gpt2)" in capsys.readouterr().err
     # a fresh run into a log dir that holds a run's checkpoints would overwrite them
-    with pytest.raises(SystemExit):
-        train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", straight])
+    assert run_cli(train_gpt2.main, RUN + ["--data-dir", shards, "--log-dir", straight]) == 1
     assert "continue it with --resume" in capsys.readouterr().err
     # resuming a run that reached --max-steps trains nothing and says so
     done = str(tmp_path / "done")
@@ -88,7 +88,7 @@ def test_resume_of_a_finished_run_and_bad_resumes(reference, tmp_path, capsys):
     train_gpt2.main(RUN + ["--data-dir", shards, "--log-dir", done, "--resume"])
     assert f"the run is complete: step {2 * N} of --max-steps {2 * N}" in capsys.readouterr().out
     assert read_log(done) == read_log(straight)
-    assert train_gpt2.list_checkpoints(done) == [os.path.join(done, f"model_{s:05d}.pt")
+    assert checkpoint.list_checkpoints(done) == [os.path.join(done, f"model_{s:05d}.pt")
                                                  for s in (N, 2 * N)]
 
 
@@ -103,14 +103,14 @@ def test_keep_checkpoints(reference, tmp_path):
 
 def test_checkpoint_holds_plain_data(reference):
     _, straight, _ = reference
-    ckpt = train_gpt2.read_checkpoint(os.path.join(straight, f"model_{N:05d}.pt"))
+    ckpt = checkpoint.read_checkpoint(os.path.join(straight, f"model_{N:05d}.pt"))
     assert ckpt["step"] == N and isinstance(ckpt["config"], dict)
     assert ckpt["model_config"] == {"block_size": 32, "vocab_size": 512, "n_layer": 2,
                                     "n_head": 2, "n_embd": 32}
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python"}
     assert ckpt["train_loader"]["consumed"] == N * 8  # 8 micro batches per step
-    model, _ = train_gpt2.load_checkpoint(os.path.join(straight, f"model_{N:05d}.pt"))
+    model = train_gpt2.GPT.from_checkpoint(os.path.join(straight, f"model_{N:05d}.pt"))
     assert isinstance(model, train_gpt2.GPT)
 
 
@@ -126,9 +126,9 @@ class Exploit:
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "model_00001.pt"
-    torch.save({"kind": train_gpt2.CHECKPOINT_KIND, "model": Exploit(marker)}, path)
-    with pytest.raises(train_gpt2.CheckpointError, match="weights_only"):
-        train_gpt2.load_checkpoint(str(path))
+    torch.save({"kind": checkpoint.CHECKPOINT_KIND, "model": Exploit(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="weights_only"):
+        train_gpt2.GPT.from_checkpoint(str(path))
     assert not marker.exists()
     # the same file through the command line: one line, no traceback, no code run
     out = run(["train_gpt2.py", "--sample", "--checkpoint", str(path)], check=False)
@@ -140,27 +140,28 @@ def test_foreign_and_truncated_checkpoints(reference, tmp_path):
     _, straight, _ = reference
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    with pytest.raises(train_gpt2.CheckpointError, match="not a checkpoint of train_gpt2.py"):
-        train_gpt2.load_checkpoint(str(foreign))
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint of train_gpt2.py"):
+        train_gpt2.GPT.from_checkpoint(str(foreign))
     good = open(os.path.join(straight, f"model_{N:05d}.pt"), "rb").read()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good[:len(good) // 2])
-    with pytest.raises(train_gpt2.CheckpointError, match="truncated"):
-        train_gpt2.load_checkpoint(str(truncated))
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+        train_gpt2.GPT.from_checkpoint(str(truncated))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path):
     shards, straight, _ = reference
     log_dir = tmp_path / "nan"
     log_dir.mkdir()
-    good = os.path.join(straight, f"model_{N:05d}.pt")
-    (log_dir / f"model_{N:05d}.pt").write_bytes(open(good, "rb").read())
-    # an absurd learning rate blows the weights up within a step or two
-    out = run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", str(log_dir),
-                                         "--resume", "--max-lr", "1e30"], check=False)
+    # a checkpoint whose run has an absurd learning rate: the weights blow up within a
+    # step or two of the resume
+    ckpt = torch.load(os.path.join(straight, f"model_{N:05d}.pt"), weights_only=True)
+    ckpt["config"]["max_lr"] = 1e30
+    torch.save(ckpt, log_dir / f"model_{N:05d}.pt")
+    out = run(["train_gpt2.py", "--log-dir", str(log_dir), "--resume"], check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "training diverged" in out.stderr and "at step" in out.stderr
-    assert train_gpt2.list_checkpoints(str(log_dir)) == [str(log_dir / f"model_{N:05d}.pt")]
+    assert checkpoint.list_checkpoints(str(log_dir)) == [str(log_dir / f"model_{N:05d}.pt")]
 
 
 def test_export_hf_matches_transformers(reference, tmp_path):
@@ -168,7 +169,7 @@ def test_export_hf_matches_transformers(reference, tmp_path):
     torch.manual_seed(0)
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2,
                                                 n_head=2, n_embd=64)).eval()
-    train_gpt2.export_hf(model, str(tmp_path / "hf"))
+    checkpoint.export_hf(model, str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
     hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 50257, (2, 30))
@@ -185,7 +186,7 @@ def test_export_hf_command(reference, tmp_path):
     run(["train_gpt2.py", "--export-hf", out_dir, "--checkpoint", ckpt])
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(out_dir).eval()
-    model, _ = train_gpt2.load_checkpoint(ckpt)
+    model = train_gpt2.GPT.from_checkpoint(ckpt)
     idx = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx)[0][..., :512], hf(idx).logits[..., :512],

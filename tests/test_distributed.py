@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_log, run
+from conftest import EXAMPLES, ROOT, TINY, read_log, run, write_jsonl
 
 STEPS = ["--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3",
          "--batch-size", "4", "--total-batch-size", "256"]  # B*T = 128: 2 micro steps
@@ -88,7 +88,6 @@ def test_two_nodes_with_c10d_rendezvous(single_run):
 
 def test_hellaswag_is_split_across_ranks(single_run):
     # each rank scores a stride of the examples; the all-reduced counts equal one process's
-    from test_hellaswag import EXAMPLES, write_jsonl
     shards, _, tmp = single_run
     jsonl = str(tmp / "hella.jsonl")
     write_jsonl(jsonl, EXAMPLES)

@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import fineweb
+from conftest import ROOT
+from fineweb import MAGIC, VERSION, HEADER_INTS, ShardError
+from tokenizer import EOT, get_encoding
 
-import fineweb  # noqa: E402
-from fineweb import MAGIC, VERSION, HEADER_INTS, ShardError  # noqa: E402
-from tokenizer import EOT, get_encoding  # noqa: E402
+ROOT = Path(ROOT)
 
 
 # -----------------------------------------------------------------------------

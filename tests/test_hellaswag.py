@@ -15,51 +15,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import hellaswag
 from hellaswag import (HellaSwagError, HellaSwagFormatError, evaluate, load_examples, predict,
                        render_example, score_rows)
+from common import run_cli
+from conftest import EXAMPLES, ROOT, write_jsonl
 from tokenizer import get_encoding
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# written for these tests, in the format of the real files (which also carry ctx_a,
-# ctx_b, activity_label, ...: extra fields are ignored)
-EXAMPLES = [
-    {"ctx": "A woman pours flour into a bowl. She", "label": 1, "activity_label": "Baking",
-     "endings": ["drives the bowl to the airport.", "cracks two eggs over it and stirs.",
-                 "paints the ceiling blue.", "sings to the flour for an hour."]},
-    {"ctx": "A boy kicks a ball across the field. His friend", "label": 0,
-     "endings": ["stops it with his foot.", "eats the ball.",
-                 "climbs into the goal and sleeps until the evening comes.", "is a ball."]},
-    {"ctx": "The man ties his shoes.", "label": 2,
-     "endings": ["The shoes fly away.", "He ties the shoes to the roof.",
-                 "He stands up and starts jogging down the road.", "He."]},
-    {"ctx": "A dog waits by the door. When its owner comes home, the dog", "label": 3,
-     "endings": ["opens the fridge.", "writes a letter.", "plays the piano quietly.",
-                 "jumps up and wags its tail."]},
-    {"ctx": "Two people sit in a canoe on a calm lake. They", "label": 0,
-     "endings": ["paddle slowly toward the shore.", "fly the canoe.",
-                 "read the lake.", "turn the lake into a mountain of sand and stones."]},
-    {"ctx": "A chef slices onions", "label": 2,
-     "endings": ["into the sky.", "with a spoon of music.", "with a sharp knife.", "."]},
-    {"ctx": "How to water a plant. Fill a watering can with water. Pour", "label": 1,
-     "endings": ["the can into the oven.", "the water slowly around the base of the plant.",
-                 "it on your head.", "sand instead of water until the can is empty."]},
-    {"ctx": "A girl holds a kite on a windy hill. She", "label": 3,
-     "endings": ["eats the kite.", "buries the kite.", "folds the hill.",
-                 "runs and lets the wind lift the kite into the air."]},
-    {"ctx": "The teacher writes a sum on the board. The students", "label": 0,
-     "endings": ["copy it into their notebooks.", "erase the school.",
-                 "throw the board out of the window and leave for the beach at once.", "!"]},
-    {"ctx": "A cyclist reaches the top of a steep hill and", "label": 1,
-     "endings": ["swims.", "rolls down the other side with a smile.", "melts.",
-                 "becomes a hill."]},
-]
-
-
-def write_jsonl(path, examples):
-    with open(path, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex) + "\n")
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
@@ -77,7 +35,7 @@ def hf_model(hf_dir):
     return lambda idx: hf(idx, use_cache=False).logits
 
 
-def run_cli(*args):
+def run_command(*args):
     # HF_HUB_OFFLINE: a model name that is not on disk fails at once instead of retrying
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "hellaswag.py"), *args],
@@ -295,7 +253,7 @@ def test_bad_line_names_file_line_and_problem(tmp_path, capsys, problem):
     assert message.startswith(f"{path}:4: ") and problem in message and "\n" not in message
     # the command line says the same in one line and exits non-zero; the data is read
     # before any model is loaded, so the model named here is never touched
-    assert hellaswag.main(["-m", "no-such-model", "--jsonl", path]) == 1
+    assert run_cli(hellaswag.main, ["-m", "no-such-model", "--jsonl", path]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == f"error: {message}\n"
 
@@ -332,7 +290,7 @@ LINE = re.compile(r"^(\d+) acc: (\d\.\d{4}) acc_norm: (\d\.\d{4})$")
 
 def test_cli_with_a_transformers_model(tmp_path, hf_dir, hf_model):
     path = write_jsonl(tmp_path / "ex.jsonl", EXAMPLES)
-    proc = run_cli("-m", hf_dir, "--jsonl", path, "--device", "cpu", "--batch-size", "3",
+    proc = run_command("-m", hf_dir, "--jsonl", path, "--device", "cpu", "--batch-size", "3",
                    "--verbose")
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
@@ -342,21 +300,19 @@ def test_cli_with_a_transformers_model(tmp_path, hf_dir, hf_model):
 
 
 def test_cli_with_a_train_gpt2_checkpoint(tmp_path, capsys, hf_dir, hf_model):
+    import dataclasses
+
+    import checkpoint
     import train_gpt2
     model = train_gpt2.GPT.from_pretrained(hf_dir)
-    cfg = train_gpt2.TrainConfig(log_dir=str(tmp_path), keep_checkpoints=0)
-
-    class NoLoader:  # save_checkpoint stores the loader's position; there is none here
-        def state_dict(self):
-            return {}
-
-    optimizer = torch.optim.AdamW(model.parameters())
-    train_gpt2.save_checkpoint(cfg, train_gpt2.Dist(), model, optimizer, NoLoader(), 7, 1.0)
+    checkpoint.save_checkpoint({"model": model.state_dict(),
+                                "model_config": dataclasses.asdict(model.config)},
+                               str(tmp_path), 7)
     path = write_jsonl(tmp_path / "ex.jsonl", EXAMPLES)
     # in this process, to save a second start of torch; the subprocess test above covers
     # what only a real command line shows
-    code = hellaswag.main(["--checkpoint", str(tmp_path / "model_00007.pt"),
-                           "--jsonl", path, "--device", "cpu", "--limit", "6"])
+    code = run_cli(hellaswag.main, ["--checkpoint", str(tmp_path / "model_00007.pt"),
+                                    "--jsonl", path, "--device", "cpu", "--limit", "6"])
     out, err = capsys.readouterr()
     assert code == 0, err
     # the same weights as the transformers model: the same numbers
@@ -378,7 +334,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (["--split", "test"], "labels are not public"),
     ]
     for args, expected in cases:
-        assert hellaswag.main(args) == 1, args
+        assert run_cli(hellaswag.main, args) == 1, args
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and expected in err, err
         assert err.count("\n") == 1, err
@@ -387,7 +343,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_bad_file_in_a_subprocess(tmp_path):
     # as a user sees it: no traceback, a non-zero exit, the file and line named
     bad = write_jsonl(tmp_path / "bad.jsonl", [EXAMPLES[0], {"ctx": "x", "endings": [], "label": 0}])
-    proc = run_cli("--jsonl", bad)
+    proc = run_command("--jsonl", bad)
     assert proc.returncode != 0
     assert proc.stderr == f"error: {bad}:2: 'endings' must be a list of 4 strings, got 0\n"
     assert proc.stdout == ""

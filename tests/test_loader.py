@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fineweb
-from train_gpt2 import DataLoaderLite, UserError
+from common import UserError
+from train_gpt2 import DataLoaderLite
 
 B, T = 2, 8
 

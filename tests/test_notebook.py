@@ -103,5 +103,5 @@ def test_plot_command_writes_png(run_dir):
 def test_plot_command_without_log(tmp_path):
     out = run(["train_gpt2.py", "--plot", str(tmp_path)], check=False)
     assert out.returncode == 1
-    assert out.stderr.strip() == f"error: no log.txt in {tmp_path}/"
+    assert out.stderr.strip() == f"error: --plot: no log.txt in {tmp_path}/; give the --log-dir of a run"
     assert not os.path.exists(tmp_path / "loss.png")

@@ -8,7 +8,7 @@ import tiktoken_ext.openai_public as openai_public
 
 import tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def test_known_ids():

@@ -1,13 +1,14 @@
 """The training script end to end on the CPU: the embedded default, the one-line errors,
 the learning-rate schedule, and importing without side effects."""
 import os
-import sys
 
 import pytest
 import torch
 
+import config
 import train_gpt2
-from conftest import ROOT, TINY, read_log, run
+from common import run_cli
+from conftest import EXAMPLES, ROOT, TINY, read_log, run, write_jsonl
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -37,8 +38,8 @@ def thp_available():
 def test_huge_pages_stop_page_faults_on_big_tensors():
     # A 64 MB tensor made and freed 8 times: each time the memory comes fresh from the
     # kernel, and writing it faults every page in: 16k faults of 4 KB pages, or 32 of 2 MB.
-    code = ("import resource, sys, train_gpt2\n"
-            "if sys.argv[1] == 'huge': train_gpt2.use_huge_pages()\n"
+    code = ("import resource, sys, device\n"
+            "if sys.argv[1] == 'huge': device.use_huge_pages()\n"
             "import torch\n"
             "torch.ones(2 ** 24)\n"  # the first one maps the allocator in
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -61,17 +62,17 @@ def test_lr_schedule():
 
 def test_presets_are_consistent():
     # every preset fills a valid config whose batch divides into micro batches on one rank
-    for name in train_gpt2.PRESETS:
-        cfg, _ = train_gpt2.parse_config(["--preset", name])
+    for name in config.PRESETS:
+        cfg, _ = config.parse_config(["--preset", name])
         assert cfg.n_embd % cfg.n_head == 0
         assert cfg.seq_len <= cfg.block_size
         assert cfg.total_batch_size % (cfg.batch_size * cfg.seq_len) == 0, name
-    cfg, _ = train_gpt2.parse_config([])
+    cfg, _ = config.parse_config([])
     assert (cfg.total_batch_size, cfg.batch_size, cfg.seq_len, cfg.max_steps,
             cfg.warmup_steps, cfg.max_lr, cfg.vocab_size) == \
         (2 ** 19, 64, 1024, 19073, 715, 6e-4, 50304)
     # a flag overrides its preset
-    cfg, _ = train_gpt2.parse_config(["--preset", "shakespeare", "--max-steps", "3"])
+    cfg, _ = config.parse_config(["--preset", "shakespeare", "--max-steps", "3"])
     assert cfg.max_steps == 3 and cfg.n_layer == 4
 
 
@@ -112,9 +113,11 @@ def test_user_errors_are_one_line(tmp_path, shards, capsys, args, message):
         pytest.skip("this machine has CUDA")
     args = [a.format(shards=shards, tmp=tmp_path) for a in args]
     base = TINY + ["--log-dir", str(tmp_path / "log")]
-    with pytest.raises(SystemExit) as e:
-        train_gpt2.main(base + args)
-    assert e.value.code not in (0, None)
+    try:
+        status = run_cli(train_gpt2.main, base + args)
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    assert status not in (0, None)
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
     assert len(err) <= 2  # argparse adds its usage line; ours is one line
@@ -133,7 +136,6 @@ def test_missing_fineweb_shards_is_one_line_without_traceback(tmp_path):
 def test_hellaswag_in_the_loop_with_compile(tmp_path, shards):
     # torch.compile on (inductor builds C++ kernels on the CPU); HellaSwag runs on the
     # uncompiled module, so its varying shapes never recompile the training graph
-    from test_hellaswag import EXAMPLES, write_jsonl
     jsonl = str(tmp_path / "hella.jsonl")
     write_jsonl(jsonl, EXAMPLES)
     log_dir = str(tmp_path / "log")

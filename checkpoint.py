@@ -1,0 +1,266 @@
+"""
+The files a training run leaves in its --log-dir, and how to read them back:
+
+- model_XXXXX.pt: a checkpoint. One dict of tensors and plain data (torch.save), read with
+  weights_only=True, so opening a file never runs code. It holds the weights, the model
+  shape, the run's whole configuration, the optimizer state, the step, the data loader's
+  position and every random generator: enough to resume bit for bit.
+- log.txt: one line per measurement, `STEP train|val|hella VALUE`, build-nanogpt's format.
+
+And GPT-2's weight layout as Hugging Face's transformers keeps it, both ways: our
+checkpoints become a GPT2LMHeadModel (hellaswag.py, --export-hf), and OpenAI's weights
+become our GPT (train_gpt2.GPT.from_pretrained).
+
+This module never imports train_gpt2: a model comes in as an argument.
+"""
+
+import os
+import pickle
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import DirLock, UserError, atomic_write, os_error_message
+from tokenizer import GPT2_VOCAB
+
+CHECKPOINT_KIND = "train_gpt2 checkpoint"
+CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")
+
+
+class CheckpointError(UserError):
+    pass
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_path(log_dir, step):
+    return os.path.join(log_dir, f"model_{step:05d}.pt")  # 5 digits, more past 99,999
+
+
+def list_checkpoints(log_dir):
+    """The complete checkpoints in log_dir, oldest step first. Sorted by the step number,
+    not the name: model_100000.pt comes after model_99999.pt. A save in progress is a
+    hidden temp file, never listed."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(log_dir)
+             if (m := CHECKPOINT_NAME.fullmatch(name))]
+    return [os.path.join(log_dir, name) for _, name in sorted(found)]
+
+
+def read_checkpoint(path, device="cpu", mmap=False):
+    """torch.load with weights_only=True: tensors and plain data only, so a file cannot
+    run code when it is opened. mmap=True maps the tensors instead of reading them, for a
+    look at the plain data. Raises CheckpointError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint at all")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, "
+                              f"refused by weights_only=True ({str(e).splitlines()[0][:120]})")
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or not a torch file "
+                              f"({str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a checkpoint of train_gpt2.py "
+                              "(for GPT-2 weights from Hugging Face use GPT.from_pretrained)")
+    return ckpt
+
+
+def save_checkpoint(ckpt, log_dir, step, keep=0):
+    """Writes ckpt as log_dir/model_{step}.pt; with keep > 0, then removes all but the
+    newest `keep` checkpoints of this run. -> the path."""
+    path = checkpoint_path(log_dir, step)
+    # a kill at any moment leaves the previous checkpoints whole and no half-written file
+    # under a checkpoint name
+    with atomic_write(path) as f:
+        torch.save(dict(ckpt, kind=CHECKPOINT_KIND, step=step), f)
+    if keep > 0:
+        for old in list_checkpoints(log_dir)[:-keep]:
+            os.remove(old)
+    return path
+
+def open_log_dir(log_dir, resuming):
+    """Makes log_dir and locks it against a second run (-> the lock), removes the temp
+    files of a save that a kill cut short, and keeps a fresh run from writing into an older
+    run's log.txt: that one is renamed, not deleted."""
+    if not resuming and list_checkpoints(log_dir):
+        raise UserError(f"{log_dir}/ already holds checkpoints of a run: continue it with "
+                        "--resume, or choose another --log-dir")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        lock = DirLock(log_dir, "training run")
+    except OSError as e:
+        raise UserError(f"--log-dir {log_dir}: {os_error_message(e, log_dir)}") from None
+    for name in os.listdir(log_dir):
+        if re.fullmatch(r"\.model_\d+\.pt\.(\d+\.)?tmp", name):
+            os.remove(os.path.join(log_dir, name))
+    log_path = os.path.join(log_dir, "log.txt")
+    if not resuming and os.path.exists(log_path):
+        n = 1
+        while os.path.exists(kept := os.path.join(log_dir, f"log.{n}.txt")):
+            n += 1
+        os.replace(log_path, kept)
+        print(f"kept the log.txt already in {log_dir}/ as {kept}")
+    return lock
+
+# -----------------------------------------------------------------------------
+# Random state: every generator a training step could touch, as tensors and plain data
+
+
+def rng_state(device_type, world_size=1):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    if device_type == "cuda":
+        # each rank has its own CUDA generator: gather them all into rank 0's checkpoint
+        # (a collective under DDP: every rank must call this)
+        mine = torch.cuda.get_rng_state().cuda()
+        states = [torch.empty_like(mine) for _ in range(world_size)]
+        if world_size > 1:
+            dist.all_gather(states, mine)
+        else:
+            states = [mine]
+        state["cuda"] = [s.cpu() for s in states]
+    return state
+
+
+def set_rng_state(state, device_type, rank=0):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if device_type == "cuda" and "cuda" in state and rank < len(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"][rank].cpu())
+
+# -----------------------------------------------------------------------------
+# log.txt
+
+
+def log_line(log_path, step, stream, value):
+    with open(log_path, "a") as f:
+        f.write(f"{step} {stream} {value}\n")  # repr: the shortest text that reads back exactly
+
+
+def parse_log_line(line):
+    """'STEP STREAM VALUE' -> (step, stream, value), or None for a line of another shape."""
+    parts = line.split()
+    if len(parts) != 3:
+        return None
+    try:
+        return int(parts[0]), parts[1], float(parts[2])
+    except ValueError:
+        return None
+
+
+def read_log(path):
+    """log.txt -> {stream: ([steps], [values])}, streams train, val and hella. Lines of
+    another shape are skipped, with one warning that counts them."""
+    streams, bad = {}, 0
+    with open(path) as f:
+        for line in f:
+            entry = parse_log_line(line)
+            if entry is None:
+                bad += line.strip() != ""
+                continue
+            steps, values = streams.setdefault(entry[1], ([], []))
+            steps.append(entry[0])
+            values.append(entry[2])
+    if bad:
+        print(f"warning: {path}: skipped {bad} malformed line(s)")
+    return streams
+
+
+def trim_log(log_path, step, keep_evaluations=True):
+    # a resumed run repeats what came after its checkpoint: drop those lines, so the log
+    # reads as one run (evaluations at the checkpoint's step ran before it was saved,
+    # unless an interrupt saved it)
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        entry = parse_log_line(line)
+        if entry and (entry[0] > step or (entry[0] == step and (entry[1] == "train"
+                                                                 or not keep_evaluations))):
+            continue
+        keep.append(line)
+    with atomic_write(log_path, "w") as f:
+        f.writelines(keep)
+
+# -----------------------------------------------------------------------------
+# GPT-2 in Hugging Face's layout. OpenAI's checkpoint uses a "Conv1D" module for these: a
+# Linear with its weight stored transposed.
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
+
+
+def hf_config(model_config, vocab_size):
+    from transformers import GPT2Config
+    c = model_config
+    return GPT2Config(vocab_size=vocab_size, n_positions=c["block_size"], n_embd=c["n_embd"],
+                      n_layer=c["n_layer"], n_head=c["n_head"], activation_function="gelu_new",
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+
+
+def hf_state_dict(state_dict, vocab_size):
+    """Our state dict -> transformers' GPT2LMHeadModel's, its embedding cut to vocab_size
+    rows (the padded rows of a 50304 vocabulary are never real tokens)."""
+    sd = {}
+    for k, w in state_dict.items():
+        if k == "lm_head.weight":
+            continue  # tied to transformer.wte.weight, which transformers ties back
+        w = w.detach().float().cpu()
+        if k.endswith(CONV1D_WEIGHTS):
+            w = w.t()
+        if k == "transformer.wte.weight":
+            w = w[:vocab_size]
+        sd[k] = w.contiguous()
+    return sd
+
+
+def hf_model(ckpt):
+    """A checkpoint dict -> transformers' GPT2LMHeadModel with its weights, the padded
+    vocabulary kept, so its logits are the trained model's own."""
+    from transformers import GPT2LMHeadModel
+    vocab = ckpt["model_config"]["vocab_size"]
+    model = GPT2LMHeadModel(hf_config(ckpt["model_config"], vocab))
+    missing, unexpected = model.load_state_dict(hf_state_dict(ckpt["model"], vocab),
+                                                strict=False)
+    # transformers ties lm_head to wte itself, and may keep causal-mask buffers of its own
+    missing = [k for k in missing if k != "lm_head.weight"
+               and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint's weights do not fit GPT-2: "
+                              f"{(missing + unexpected)[:5]}")
+    return model.eval()
+
+
+def export_hf(model, out_dir):
+    """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads, so
+    lm-evaluation-harness and every transformers tool can use a model trained here."""
+    import dataclasses
+    from safetensors.torch import save
+    vocab = min(model.config.vocab_size, GPT2_VOCAB)  # cut a padded vocabulary
+    config = hf_config(dataclasses.asdict(model.config), vocab)
+    sd = hf_state_dict(model.state_dict(), vocab)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        config.save_pretrained(out_dir)
+        with atomic_write(os.path.join(out_dir, "model.safetensors")) as f:
+            f.write(save(sd, metadata={"format": "pt"}))
+    except OSError as e:
+        raise UserError(f"--export-hf: cannot write {out_dir}/ ({e.strerror or e}); choose a "
+                        "writable directory") from None

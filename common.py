@@ -1,0 +1,157 @@
+"""
+What every script of this repository shares: the one error class for mistakes a user can
+fix and the way an entry point reports them, files that appear whole or not at all, and a
+lock that keeps two processes out of one directory.
+
+Only the standard library: every module can import it, fineweb.py's workers included,
+without paying for torch.
+"""
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import time
+
+# -----------------------------------------------------------------------------
+# Errors: one base class. Every entry point catches it, prints "error: MESSAGE" on one
+# line and exits non-zero; anything else is a bug and keeps its traceback.
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad flag, missing data, corrupt file. The message is one
+    line that says what is wrong and what to do."""
+    prefix = "error: "
+    exit_code = 1
+
+
+def run_cli(main, argv=None):
+    """main(argv) for an entry point: -> its exit status. A UserError becomes one line on
+    stderr; under torchrun only rank 0 prints it, as every rank meets the same error."""
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{e.prefix}{e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def os_error_message(e, path):
+    """One line for an OSError while writing path: a full disk and a permission problem
+    say what to do."""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device to write {path}; free some space and run again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied; choose a writable place"
+    return f"cannot write {path}: {e.strerror or e}"
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a file whose content appears under `path` only once it is complete.
+
+    Nobody may ever see half a file under its final name: we write a temp file in the same
+    directory (so os.replace is a rename), fsync so the bytes are on disk before the name
+    points at them, then rename, which replaces the old file in one step. If the block
+    raises, the temp file is removed and `path` is untouched. The temp name carries the
+    process id, so two processes never write into one temp file."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class DirLock:
+    """An exclusive lock on a directory for as long as this process holds it: a second
+    process that asks for it gets a UserError naming `what` holds it. The lock is the
+    kernel's (flock on the directory itself), so it leaves no file behind and goes away
+    with the process, even after kill -9."""
+
+    def __init__(self, directory, what):
+        import fcntl
+        self.fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise UserError(f"{directory}/ is in use by another {what}; wait for it to "
+                            "finish, or use another directory") from None
+
+    def release(self):
+        os.close(self.fd)  # closing drops the flock
+
+# -----------------------------------------------------------------------------
+# Signals
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (how cloud machines are preempted) ask the run to stop:
+    it finishes the optimizer step under way, saves a checkpoint and exits. A second
+    signal stops at once; the newest complete checkpoint is untouched either way."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle)
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt  # the second signal
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(once more to stop at once)", file=sys.stderr, flush=True)
+
+
+class Interrupted(UserError):
+    prefix = ""  # the line is the message: "interrupted at step N: saved PATH; ..."
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # as a shell reports a process ended by the signal
+
+
+def hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StepClock:
+    """Wall time since the start, and the time of optimizer steps after the warm-up (the
+    first steps compile and fill caches): for tokens/s, MFU and the ETA."""
+
+    def __init__(self, start_step, max_steps):
+        self.start = time.time()
+        self.warmup = 10 if max_steps - start_step >= 20 else 0
+        self.steps, self.seconds, self.seen = 0, 0.0, 0
+
+    def add(self, dt):
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+
+    def per_step(self, dt):
+        return self.seconds / self.steps if self.steps else dt
+
+    def elapsed(self):
+        return hms(time.time() - self.start)
