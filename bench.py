@@ -7,6 +7,7 @@ alternatives.
     python bench.py ladder --steps 50 --json ladder.json
     python bench.py cpu                        # every CPU benchmark, PASS/FAIL per target
     python bench.py cpu --only kvcache         # one of: tokenize loader hellaswag kvcache train
+    python bench.py profile                    # where a GPT-2 training step's GPU time goes
 
 `ladder` trains for --steps steps per rung (after --warmup untimed ones) and each rung
 adds one optimisation to the rungs before it, in the lecture's order. Its A100 figures
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 import fineweb
 import hellaswag
-from common import run_cli
+from common import UserError, run_cli
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
 from tokenizer import GPT2_VOCAB, get_encoding
 from train_gpt2 import GPT, CausalSelfAttention, DataLoaderLite, GPTConfig, flops_per_token
@@ -66,6 +67,7 @@ class Settings:
     vocab_50304: bool = False  # pad the vocabulary to a "nice" number
     fused_adamw: bool = False  # one kernel for the whole optimizer step
     huge_pages: bool = False  # 2 MB pages for big CPU tensors (train_gpt2.py on a CPU)
+    cd_tuning: bool = False   # inductor tunes each Triton kernel's launch configuration
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ RUNGS = [
 EXTRA_RUNGS = [
     # the CPU's own: without it every step faults the logits' memory in, 4 KB at a time
     Rung("huge pages", "huge_pages", cpu_only=True),
+    # The memory-bound kernels (layernorm, GELU, residual adds, casts) are Triton kernels
+    # that inductor writes; coordinate descent tries their block sizes and warp counts one
+    # at a time and keeps the fastest. The same arithmetic, only scheduled differently.
+    Rung("coordinate descent", "cd_tuning", cuda_only=True),
 ]
 
 
@@ -204,6 +210,8 @@ def time_training(settings, shape, device, steps, warmup):
     if settings.huge_pages and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         raise RuntimeError("huge pages need a process started with them: in_fresh_process")
     model = build_model(settings, shape, device)
+    from torch._inductor import config as inductor_config
+    inductor_config.coordinate_descent_tuning = settings.cd_tuning
     step_model = torch.compile(model) if settings.compile else model
     # the project's optimizer, fused as the rung says rather than chosen from the device
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type, fused=settings.fused_adamw)
@@ -285,11 +293,21 @@ def run_ladder(args):
     print(LADDER_COLUMNS)
     settings, rows = Settings(), []
     precision = torch.get_float32_matmul_precision()
+    rungs = RUNGS + EXTRA_RUNGS
+    names = [rung.name for rung in rungs]
+    if args.start and args.start not in names:
+        raise UserError(f"--from {args.start!r}: no such rung; one of: {', '.join(names)}")
+    first = names.index(args.start) if args.start else 0
     try:
-        for rung in RUNGS + EXTRA_RUNGS:
+        for i, rung in enumerate(rungs):
             row = {"rung": rung.name, "lecture_ms": rung.lecture_ms,
                    "skipped": skip_reason(rung, device_type, args.cpu_compile)}
-            if not row["skipped"]:
+            if i < first and not row["skipped"]:
+                # on, as the rungs below need it, but not timed: --from starts later
+                settings = dataclasses.replace(settings, **{rung.turns_on: True}) \
+                    if rung.turns_on else settings
+                row["skipped"] = "on, not timed (--from)"
+            elif not row["skipped"]:
                 trial = settings
                 if rung.turns_on:
                     trial = dataclasses.replace(settings, **{rung.turns_on: True})
@@ -307,6 +325,8 @@ def run_ladder(args):
             print(format_rung(row), flush=True)
     finally:
         torch.set_float32_matmul_precision(precision)
+        if "torch._inductor.config" in sys.modules:
+            sys.modules["torch._inductor.config"].coordinate_descent_tuning = False
     print("A100 ms: build-nanogpt's lecture, GPT-2 124M, B=16, T=1024. llm.c: ~468k tokens/s "
           "per H100 on 8xH100 (~40% MFU), ~56% MFU on 8xA100.")
     if args.json:
@@ -314,6 +334,105 @@ def run_ladder(args):
             json.dump({"device": name, "torch": torch.__version__, "steps": steps,
                        "warmup": args.warmup, "shape": dataclasses.asdict(shape),
                        "rungs": rows}, f, indent=1)
+    return rows
+
+# -----------------------------------------------------------------------------
+# Where a training step's time goes: torch.profiler over a few steps of the real step, its
+# kernels grouped by what they compute.
+
+# (group, substrings of a kernel's or an op's name), first match wins: cuBLAS's and
+# cuDNN's kernel names on a GPU, aten's op names on a CPU, inductor's triton_* kernels
+KERNEL_GROUPS = [
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::linear", "aten::matmul")),
+    ("elementwise", ("triton_", "elementwise", "fill", "copy", "cat", "layer_norm", "gelu",
+                     "aten::add", "aten::mul", "aten::div", "aten::sum", "reduce", "embedding",
+                     "index")),
+]
+
+
+def kernel_group(name):
+    lower = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(key in lower for key in keys):
+            return group
+    return "other"
+
+
+def group_times(times):
+    """{kernel name: microseconds} -> [(group, microseconds, [(name, us), ...top 3])],
+    largest group first."""
+    groups = {}
+    for name, us in times.items():
+        groups.setdefault(kernel_group(name), []).append((name, us))
+    rows = [(g, sum(us for _, us in ks), sorted(ks, key=lambda k: -k[1])[:3])
+            for g, ks in groups.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False):
+    """Kernel time per training step at `shape`, as train_gpt2.py trains on the device
+    (compile and bf16 on a GPU; vocab 50304, SDPA, fused AdamW): -> (group_times rows in
+    ms per step, the step's wall ms). On a CPU the ops' own CPU time stands in."""
+    from torch.profiler import ProfilerActivity, profile
+    device_type = device.split(":")[0]
+    cuda = device_type == "cuda"
+    settings = Settings(tf32=cuda, bf16=bf16_native(device_type), compile=cuda, flash=True,
+                        vocab_50304=True, fused_adamw=True, cd_tuning=cd_tuning)
+    model = build_model(settings, shape, device)
+    from torch._inductor import config as inductor_config
+    inductor_config.coordinate_descent_tuning = cd_tuning
+    step_model = torch.compile(model) if settings.compile else model
+    optimizer = model.configure_optimizers(0.1, 6e-4, device_type, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(GPT2_VOCAB, (2, shape.batch_size, shape.seq_len), generator=gen).to(device)
+    for _ in range(warmup):
+        train_step(step_model, optimizer, x, y, settings.bf16)
+    synchronize(device_type)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(step_model, optimizer, x, y, settings.bf16)
+        synchronize(device_type)
+    wall_ms = 1000 * (time.perf_counter() - t0) / steps
+    times = {}
+    if cuda:  # the kernels themselves, by their time on the GPU
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                times[e.name] = times.get(e.name, 0) + e.device_time_total
+    else:  # aten ops by their own CPU time (their callees excluded)
+        for e in prof.key_averages():
+            if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
+                times[e.key] = e.self_cpu_time_total
+    rows = [(g, us / steps / 1000, [(n, t / steps / 1000) for n, t in top])
+            for g, us, top in group_times(times)]
+    inductor_config.coordinate_descent_tuning = False
+    return rows, wall_ms
+
+
+def run_profile(args):
+    device, device_type = resolve_device(args.device)
+    default = Shape(12, 12, 768, 64, 1024) if device_type == "cuda" else CPU_SHAPE
+    shape = Shape(*(getattr(args, f.name) or getattr(default, f.name)
+                    for f in dataclasses.fields(Shape)))
+    name = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
+    rows, wall_ms = profile_step(shape, device, steps=args.steps, cd_tuning=args.cd_tuning)
+    total = sum(ms for _, ms, _ in rows)
+    print(f"profile on {name}: {shape}{', coordinate descent tuning' if args.cd_tuning else ''}"
+          f": {wall_ms:.1f} ms/step wall, {total:.1f} ms/step of "
+          f"{'GPU kernels' if device_type == 'cuda' else 'CPU op time'}")
+    print(f"{'group':<14} {'ms/step':>8} {'share':>6}  largest")
+    for group, ms, top in rows:
+        largest = "; ".join(f"{n[:48]} {t:.2f}" for n, t in top)
+        print(f"{group:<14} {ms:8.2f} {100 * ms / total:5.1f}%  {largest}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "shape": dataclasses.asdict(shape), "wall_ms": wall_ms,
+                       "cd_tuning": args.cd_tuning, "groups": rows}, f, indent=1)
     return rows
 
 # -----------------------------------------------------------------------------
@@ -565,9 +684,21 @@ def build_parser():
                         "10 elsewhere)")
     ladder.add_argument("--warmup", type=int, default=3,
                         help="untimed steps before the clock starts (compilation happens here)")
+    ladder.add_argument("--from", dest="start", metavar="RUNG",
+                        help="time the rungs from RUNG on; those before it are on, untimed")
     ladder.add_argument("--cpu-compile", action="store_true",
                         help="run the torch.compile rung off CUDA too (minutes on a CPU)")
     ladder.add_argument("--json", metavar="OUT", help="also write the table to this file")
+    prof = sub.add_parser("profile", help="where a training step's time goes, by kernel group")
+    prof.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    for field, what in meaning.items():
+        prof.add_argument("--" + field.replace("_", "-"), type=int, help=(
+            f"{what}; default GPT-2 (124M) at B=64 on CUDA, {getattr(CPU_SHAPE, field)} "
+            "elsewhere"))
+    prof.add_argument("--steps", type=int, default=3, help="profiled steps (default: 3)")
+    prof.add_argument("--cd-tuning", action="store_true",
+                      help="with inductor's coordinate descent tuning (the ladder's rung)")
+    prof.add_argument("--json", metavar="OUT", help="also write the table to this file")
     cpu = sub.add_parser("cpu", help="CPU hot paths against their plain alternatives")
     cpu.add_argument("--only", choices=CPU_BENCHMARKS, help="run one benchmark")
     cpu.add_argument("--tokens", type=int, default=20_000_000,
@@ -581,7 +712,7 @@ def main(argv=None):
     if args.command == "cpu":
         # as train_gpt2.py and hellaswag.py run on a CPU; before any tensor, as it must be
         use_huge_pages()
-    run_ladder(args) if args.command == "ladder" else run_cpu(args)
+    {"ladder": run_ladder, "profile": run_profile, "cpu": run_cpu}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,49 @@ def test_loader_measurement_sees_the_memory_it_compares(tmp_path):
     plain = bench.measure_loader("int64", shard, 8, 1024)
     assert mine["mb"] < 10 and plain["mb"] > 150, (mine, plain)
     assert mine["ms"] > 0 and plain["ms"] > 0
+
+
+def test_ladder_from_a_rung_turns_the_earlier_ones_on_untimed(tmp_path):
+    out = tmp_path / "ladder.json"
+    run(["bench.py", "ladder", "--device", "cpu", "--n-layer", "1", "--n-head", "2",
+         "--n-embd", "32", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
+         "--warmup", "0", "--from", "fused AdamW", "--json", str(out)], timeout=30)
+    rows = {row["rung"]: row for row in json.loads(out.read_text())["rungs"]}
+    assert rows["flash attention"]["skipped"] == "on, not timed (--from)"
+    assert rows["TF32"]["skipped"] == "CUDA only"  # still skipped for its own reason
+    assert not rows["fused AdamW"]["skipped"] and rows["fused AdamW"]["ms_per_step"] > 0
+    assert rows["coordinate descent"]["skipped"] == "CUDA only"
+
+
+def test_kernel_groups_of_real_kernel_names():
+    # kernel names as torch.profiler reported them for a compiled GPT-2 step on an H100,
+    # and aten op names as it reports them on a CPU
+    names = {
+        "nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNN": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x128x128": "attention",
+        "triton_red_fused__log_softmax__to_copy_nll_loss_forward_3": "cross-entropy",
+        "triton_per_fused_native_layer_norm_native_layer_norm_backward_12": "elementwise",
+        "triton_poi_fused_gelu_gelu_backward_7": "elementwise",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>": "optimizer",
+        "aten::mm": "matmul",
+        "aten::_log_softmax_backward_data": "cross-entropy",
+        "aten::_fused_adamw_": "optimizer",
+        "aten::native_layer_norm_backward": "elementwise",
+    }
+    for name, group in names.items():
+        assert bench.kernel_group(name) == group, name
+    rows = bench.group_times({"aten::mm": 5.0, "aten::addmm": 1.0, "aten::gelu": 2.0})
+    assert [(g, us) for g, us, _ in rows] == [("matmul", 6.0), ("elementwise", 2.0)]
+    assert rows[0][2] == [("aten::mm", 5.0), ("aten::addmm", 1.0)]  # largest first
+
+
+def test_profile_command_on_the_cpu(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = run(["bench.py", "profile", "--device", "cpu", "--n-layer", "1", "--n-head", "2",
+                "--n-embd", "32", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
+                "--json", str(out)], timeout=60)
+    groups = {g: ms for g, ms, _ in json.loads(out.read_text())["groups"]}
+    # a training step does all of these, so each group has time in it
+    assert {"matmul", "attention", "cross-entropy", "optimizer", "elementwise"} <= set(groups)
+    assert all(ms > 0 for ms in groups.values())
+    assert "ms/step wall" in proc.stdout and "matmul" in proc.stdout
