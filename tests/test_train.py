@@ -150,3 +150,46 @@ def test_hellaswag_in_the_loop_with_compile(tmp_path, shards):
     assert f"({len(EXAMPLES)} examples)" in out.stdout
     # at most the one recompile for model.eval() in the val loss; none per example
     assert (out.stdout + out.stderr).count("Recompiling") <= 1
+
+
+# The run that wrote tests/data/checkpoint_1b9a2e4.pt with the code of commit 1b9a2e4 (before
+# the one-script restructure), step 2 of 4, on write_token_shards' default data:
+OLD_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32",
+           "--vocab-size", "512", "--batch-size", "4", "--seq-len", "32",
+           "--total-batch-size", "256", "--warmup-steps", "2", "--max-lr", "3e-3",
+           "--eval-every", "2", "--val-tokens", "512", "--sample-every", "0",
+           "--hellaswag-every", "0", "--device", "cpu", "--no-compile", "--no-bf16",
+           "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "0"]
+
+
+def test_a_checkpoint_of_the_old_code_resumes(tmp_path, shards):
+    # resumed with today's code, it ends where today's code ends without a stop: the
+    # checkpoint format and the training arithmetic are what they were
+    import shutil
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(os.path.join(ROOT, "tests", "data", "checkpoint_1b9a2e4.pt"),
+                resumed / "model_00002.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = run(["train_gpt2.py", "--resume", "--data-dir", shards, "--log-dir", str(resumed)],
+              env=env)
+    assert "resuming from" in out.stdout and "at step 2" in out.stdout
+    straight = str(tmp_path / "straight")
+    run(["train_gpt2.py"] + OLD_RUN + ["--data-dir", shards, "--log-dir", straight], env=env)
+    a = torch.load(os.path.join(straight, "model_00004.pt"), weights_only=True)
+    b = torch.load(resumed / "model_00004.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=0)
+    # the evaluations of step 2 ran before that checkpoint was saved, in the old run's log
+    assert [e for e in read_log(straight) if e[0] > 2 or e[0] == 2 and e[1] == "train"] == \
+        read_log(str(resumed))
+
+
+def test_the_recompile_counter_sees_a_recompile():
+    # the positive control of test_hellaswag_in_the_loop_with_compile: with the same
+    # TORCH_LOGS, a compiled function called with a new shape does print "Recompiling"
+    code = ("import torch\n"
+            "f = torch.compile(lambda x: x * 2, backend='eager', dynamic=False)\n"
+            "f(torch.ones(2)); f(torch.ones(3))\n")
+    out = run(["-c", code], env=dict(os.environ, TORCH_LOGS="recompiles"))
+    assert (out.stdout + out.stderr).count("Recompiling") >= 1
