@@ -60,7 +60,7 @@ class GPTConfig:
 class KVCache:
     """Keys and values of the tokens seen so far, one preallocated buffer per layer, so
     that sampling runs the new token alone through the network instead of the whole
-    sequence again (gpt-fast keeps its cache the same way)."""
+    sequence again."""
 
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
@@ -262,7 +262,7 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path, device="cpu"):
         """A model trained by this script, from its model_XXXXX.pt."""
         ckpt = read_checkpoint(path, device)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model = cls(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device)
 
