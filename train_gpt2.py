@@ -326,8 +326,8 @@ class DataLoaderLite:
             raise UserError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
         self.shards = [fineweb.load_shard(p) for p in self.paths]
         # window i of a shard covers tokens [i*B*T, (i+1)*B*T + 1); a shard shorter than a
-        # window (fineweb's last shard holds the remainder) adds none
-        counts = [(len(s) - 1) // (B * T) for s in self.shards]
+        # window (fineweb's last shard holds the remainder), an empty one included, adds none
+        counts = [max(0, (len(s) - 1) // (B * T)) for s in self.shards]
         if sum(counts) < world_size:
             raise UserError(f"the {split} shards in {data_dir} hold {sum(counts)} windows of "
                             f"B*T+1 = {B * T + 1} tokens, and each of {world_size} ranks needs "

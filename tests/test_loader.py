@@ -95,6 +95,16 @@ def test_too_little_data_is_a_clear_error(tmp_path):
         DataLoaderLite(str(tmp_path / "empty"), "train", B, T)
 
 
+def test_an_empty_shard_adds_no_windows(tmp_path):
+    # (0 - 1) // (B*T) is -1: an empty shard must not take a window from the others
+    d = make_shards(tmp_path, [100, 0, 3 * B * T + 1, 2 * B * T + 1])
+    loader = DataLoaderLite(d, "train", B, T)
+    assert loader.counts == [0, 3, 2] and len(loader) == 5
+    seen = [window_id(loader.next_batch()[0]) for _ in range(len(loader))]
+    assert seen == [2000 + i * B * T for i in range(3)] + [3000 + i * B * T for i in range(2)]
+    assert loader.epoch == 0
+
+
 def test_reads_build_nanogpt_npy_shards(tmp_path):
     tokens = np.arange(3 * B * T + 1, dtype=np.uint16)
     np.save(tmp_path / "edufineweb_train_000001.npy", tokens)
