@@ -115,16 +115,32 @@ def load_shard(path):
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
+# {prefix}_{split}_{6 digits}.bin (ours, llm.c's) or .npy (build-nanogpt's). The split is the
+# part right before the number, so a prefix like "my_train_set" does not make a val shard train.
+SHARD_NAME = re.compile(r"(?P<prefix>.+)_(?P<split>train|val)_\d{6}\.(?:bin|npy)")
+
+
 def list_shards(data_dir, split):
     """Sorted full paths of the .bin/.npy shards of `split` ("train" or "val") in data_dir."""
     if not os.path.isdir(data_dir):
         return []
-    names = [n for n in os.listdir(data_dir) if f"_{split}_" in n and n.endswith((".bin", ".npy"))]
+    names = [n for n in os.listdir(data_dir)
+             if (match := SHARD_NAME.fullmatch(n)) and match["split"] == split]
     return sorted(os.path.join(data_dir, n) for n in names)
 
 
 def shard_name(prefix, index):
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+def _check_prefix(prefix):
+    if not prefix or os.sep in prefix or "/" in prefix:
+        raise InputError(f"--prefix {prefix!r}: give a plain file name prefix, like 'mine'")
+    # build-nanogpt's loader and llm.c's globs (-i "dir/mine_train_*.bin") find the split as
+    # a substring: with --prefix my_train_set, they would also train on the val shard
+    if "_train_" in f"{prefix}_" or "_val_" in f"{prefix}_":
+        raise InputError(f"--prefix {prefix}: '_train_' or '_val_' in it, or '_train'/'_val' "
+                         "at its end, makes other readers misread the split; choose another")
 
 
 # -----------------------------------------------------------------------------
@@ -317,6 +333,7 @@ def build_shards(sources, key, out_dir, prefix, shard_size, workers):
     the manifest says a run with the same `key` finished. Returns the shard paths."""
     if not 0 < shard_size < 2**31:
         raise ValueError(f"shard_size must be between 1 and 2**31 - 1, got {shard_size}")
+    _check_prefix(prefix)
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, f"{prefix}_manifest.json")
     state = _read_manifest(manifest)

@@ -269,11 +269,30 @@ def test_bad_shards_name_the_file(tmp_path):
 def test_list_shards(tmp_path):
     assert fineweb.list_shards(tmp_path / "nowhere", "train") == []
     for name in ["a_train_000002.bin", "a_train_000001.npy", "a_val_000000.bin",
-                 "a_train_000003.bin.tmp", "a_manifest.json", "notes_train_.txt"]:
+                 "a_train_000003.bin.tmp", ".a_train_000004.bin.123.tmp", "a_manifest.json",
+                 "notes_train_.txt", "a_train_01.bin", "a_val_000000.bin.bak"]:
         (tmp_path / name).write_bytes(b"")
     assert fineweb.list_shards(tmp_path, "train") == [
         str(tmp_path / "a_train_000001.npy"), str(tmp_path / "a_train_000002.bin")]
     assert fineweb.list_shards(str(tmp_path), "val") == [os.path.join(tmp_path, "a_val_000000.bin")]
+
+
+def test_the_split_is_the_part_before_the_number(tmp_path):
+    # shards made elsewhere with a prefix that holds a split's name: each lands in its own split
+    for name in ["my_train_set_val_000000.bin", "my_train_set_train_000001.bin",
+                 "val_data_train_000002.npy"]:
+        (tmp_path / name).write_bytes(b"")
+    assert fineweb.list_shards(tmp_path, "val") == [str(tmp_path / "my_train_set_val_000000.bin")]
+    train = ["my_train_set_train_000001.bin", "val_data_train_000002.npy"]
+    assert fineweb.list_shards(tmp_path, "train") == [str(tmp_path / name) for name in train]
+
+
+@pytest.mark.parametrize("prefix", ["my_train_set", "x_val", "", "a/b"])
+def test_a_prefix_that_would_mislead_readers_is_refused(tmp_path, prefix):
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(fineweb.InputError, match="prefix"):
+        fineweb.tokenize_local([tmp_path / "a.txt"], tmp_path / "out", prefix=prefix)
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_shard_maps_a_large_shard_without_reading_it(tmp_path):
@@ -406,22 +425,28 @@ def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
     assert rerun.returncode == 0 and "up to date" in out_text
 
 
-def _bad_inputs(tmp_path):
+def _bad_runs(tmp_path):
+    """[(fineweb.py arguments, words the one error line must hold)]"""
     (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"title": "no text here"}\n')
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200))
     (tmp_path / "data.csv").write_text("text\nhello\n")
-    return {"missing.txt": "no such file", "notext.jsonl": "record 2 has no 'text'",
-            "corrupt.parquet": "cannot load it", "data.csv": "unknown extension"}
+    (tmp_path / "fine.txt").write_text("hello")
+    cases = {"missing.txt": "no such file", "notext.jsonl": "record 2 has no 'text'",
+             "corrupt.parquet": "cannot load it", "data.csv": "unknown extension"}
+    runs = [(["--input", tmp_path / name], [name, want]) for name, want in cases.items()]
+    runs.append((["--input", tmp_path / "fine.txt", "--prefix", "my_train_set"],
+                 ["my_train_set", "_train_"]))
+    return runs
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path, hf_cache):
-    cases = _bad_inputs(tmp_path)
-    procs = {name: run_fineweb("--input", tmp_path / name, "--out-dir", tmp_path / "out")
-             for name in cases}
-    for name, want in cases.items():
-        _, err = procs[name].communicate(timeout=60)
-        assert procs[name].returncode != 0, name
+    runs = _bad_runs(tmp_path)
+    procs = [run_fineweb(*args, "--out-dir", tmp_path / "out") for args, _ in runs]
+    for proc, (args, words) in zip(procs, runs):
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0, args
         assert "Traceback" not in err
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
-        assert lines[0].startswith("error: ") and name in lines[0] and want in lines[0], lines[0]
+        assert lines[0].startswith("error: "), lines[0]
+        assert all(word in lines[0] for word in words), (words, lines[0])
