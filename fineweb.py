@@ -18,9 +18,11 @@ Local inputs: a .txt file is one document; .jsonl/.json and .parquet hold one do
 record in its "text" field and are read through Hugging Face `datasets`, like the hub data.
 
 Safe to kill: a shard gets its final name only once it is complete and on disk, and
-{prefix}_manifest.json records after each shard where the next one starts. Run the same command
-again and it resumes from the last complete shard, ending with the same bytes as an
-uninterrupted run; a finished run with unchanged inputs returns at once.
+{prefix}_manifest.json records where each shard starts. Run the same command again and it
+resumes from the first missing or damaged shard, ending with the same bytes as an uninterrupted
+run; a finished run with unchanged inputs returns at once. Nothing is lost by mistake: the
+shards of another input or --shard-size under the same --out-dir and --prefix are kept (and
+the run refused) unless you pass --overwrite.
 
 From Python (train_gpt2.py does this):
 
@@ -304,55 +306,117 @@ def pack_shards(encoded, shard_size, skip=0, progress=None):
 
 # -----------------------------------------------------------------------------
 # a whole run: manifest, resume, pool
+#
+# {prefix}_manifest.json tells what the shards of one prefix hold:
+#   key     what they are made of (inputs, shard size, tokenizer); another key is another run
+#   shards  name -> {"tokens": count, "start": [document, tokens to skip] where the shard
+#           begins in the token stream}
+#   resume  [document, tokens to skip] where the next shard begins
+#   done    whether the last shard is written
+
+def _manifest_path(out_dir, prefix):
+    return os.path.join(out_dir, f"{prefix}_manifest.json")
+
 
 def _read_manifest(path):
+    """The manifest at path, or None when there is none we can read."""
     try:
         with open(path) as f:
             state = json.load(f)
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) and isinstance(state.get("shards"), dict) else None
+    if not (isinstance(state, dict) and isinstance(state.get("shards"), dict)
+            and {"key", "resume", "done"} <= state.keys()):
+        return None
+    # a manifest from before shards had records holds only each one's token count
+    state["shards"] = {name: record if isinstance(record, dict) else {"tokens": record}
+                       for name, record in state["shards"].items()}
+    return state
 
 
-def _shards_intact(out_dir, shards):
-    paths = {os.path.join(out_dir, name): count for name, count in shards.items()}
-    return all(os.path.isfile(p) and os.path.getsize(p) == HEADER_BYTES + 2 * n
-               for p, n in paths.items())
+def _write_manifest(path, state):
+    with atomic_write(path, "w") as f:
+        json.dump(state, f, indent=1)
 
 
-def _remove_shards(out_dir, prefix):
-    ours = re.compile(re.escape(prefix) + r"_(val|train)_\d{6}\.bin(\.tmp)?$")
-    for name in os.listdir(out_dir):
-        if ours.match(name):
-            os.remove(os.path.join(out_dir, name))
+def _first_damaged(out_dir, shards):
+    """The index of the first recorded shard that is missing or not as recorded, or None."""
+    for i, (name, record) in enumerate(shards.items()):
+        try:
+            if len(load_shard(os.path.join(out_dir, name))) == record["tokens"]:
+                continue
+        except ShardError:
+            pass
+        return i
+    return None
 
 
-def build_shards(sources, key, out_dir, prefix, shard_size, workers):
-    """Tokenizes the documents of `sources` (a context manager yielding them) into shards in
-    out_dir. Resumes from, and records progress in, {prefix}_manifest.json; does nothing when
-    the manifest says a run with the same `key` finished. Returns the shard paths."""
-    if not 0 < shard_size < 2**31:
-        raise ValueError(f"shard_size must be between 1 and 2**31 - 1, got {shard_size}")
-    _check_prefix(prefix)
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = os.path.join(out_dir, f"{prefix}_manifest.json")
-    state = _read_manifest(manifest)
-    if state and state.get("key") == key and _shards_intact(out_dir, state["shards"]):
-        if state["done"]:
-            print(f"{prefix}: {len(state['shards'])} shards in {out_dir} are up to date")
-            return [os.path.join(out_dir, name) for name in state["shards"]]
-    else:  # another input or shard size, or a shard was deleted: start over
-        _remove_shards(out_dir, prefix)
-        # shards: name -> token count; resume: (document, tokens to skip) where the next starts
-        state = {"key": key, "shards": {}, "resume": [0, 0], "done": False}
+def _up_to_date(out_dir, prefix, key):
+    """The shard paths when a finished run with this key left them all intact, else None."""
+    state = _read_manifest(_manifest_path(out_dir, prefix))
+    if not state or state["key"] != key or not state["done"] or \
+            _first_damaged(out_dir, state["shards"]) is not None:
+        return None
+    print(f"{prefix}: {len(state['shards'])} shards in {out_dir} are up to date")
+    return [os.path.join(out_dir, name) for name in state["shards"]]
 
+
+def _start_over(out_dir, prefix, key, old_state, overwrite):
+    """A state for a run from the first document. The prefix's shards already in out_dir
+    are made by another run: they are removed only when `overwrite`, never silently."""
+    ours = sorted(n for n in os.listdir(out_dir)
+                  if (match := SHARD_NAME.fullmatch(n)) and match["prefix"] == prefix)
+    manifest = _manifest_path(out_dir, prefix)
+    if ours and not overwrite:
+        name = os.path.basename(manifest)
+        made_by = f"are of another input or --shard-size (see {name})" if old_state else \
+            f"have no {name} that says what they hold"
+        raise InputError(f"{out_dir}: its {len(ours)} {prefix} shards {made_by}; keep them by "
+                         "writing these with another --out-dir or --prefix, or replace them "
+                         "with --overwrite")
+    # The manifest goes first: killed while removing, the shards left have none and are
+    # refused again instead of passing for this run's.
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    for name in ours:
+        os.remove(os.path.join(out_dir, name))
+    if ours:
+        print(f"{prefix}: removed {len(ours)} shards of another run from {out_dir} (overwrite)")
+    state = {"key": key, "shards": {}, "resume": [0, 0], "done": False}
+    _write_manifest(manifest, state)  # before a shard: one written just before a kill is ours
+    return state
+
+
+def _start(out_dir, prefix, key, overwrite):
+    """The state a run starts from: the same key resumes, from the first missing or damaged
+    shard if there is one (re-tokenizing writes the same bytes, so nothing after it is lost)."""
+    state = _read_manifest(_manifest_path(out_dir, prefix))
+    if not state or state["key"] != key:
+        return _start_over(out_dir, prefix, key, state, overwrite)
+    damaged = _first_damaged(out_dir, state["shards"])
+    if damaged is not None:
+        names = list(state["shards"])
+        first = damaged if "start" in state["shards"][names[damaged]] else 0  # older manifest
+        print(f"{prefix}: {names[damaged]} is missing or damaged; tokenizing again from "
+              f"{'it' if first == damaged else names[first]} on, keeping the {first} "
+              "shard(s) before it")
+        state["resume"] = state["shards"][names[first]].get("start", [0, 0])
+        state["shards"] = {name: state["shards"][name] for name in names[:first]}
+        state["done"] = False
+    return state
+
+
+def _tokenize(sources, state, out_dir, prefix, shard_size, workers):
+    """Writes the shards from state["resume"] on, recording each in the manifest."""
     import multiprocessing
     from tqdm import tqdm
     assert get_encoding().n_vocab <= 2**16, "token ids must fit in uint16"
+    manifest = _manifest_path(out_dir, prefix)
     start_doc, skip = state["resume"]
-    written = sum(state["shards"].values())
+    written = sum(record["tokens"] for record in state["shards"].values())
     # The pool first: forked workers then inherit the tokenizer but none of datasets' threads.
-    with (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool, \
+    with (multiprocessing.Pool(workers) if workers > 1
+          else contextlib.nullcontext()) as pool, \
             sources as docs_sources, \
             tqdm(desc=prefix, unit="tok", unit_scale=True, initial=written,
                  postfix={"shards": len(state["shards"])}) as bar:
@@ -362,26 +426,41 @@ def build_shards(sources, key, out_dir, prefix, shard_size, workers):
         for shard, resume in pack_shards(encoded, shard_size, skip, progress=bar):
             name = shard_name(prefix, len(state["shards"]))
             write_shard(os.path.join(out_dir, name), shard)
-            state["shards"][name] = len(shard)
+            state["shards"][name] = {"tokens": len(shard), "start": state["resume"]}
             state["resume"], state["done"] = resume, resume is None
-            with atomic_write(manifest, "w") as f:
-                json.dump(state, f, indent=1)
+            _write_manifest(manifest, state)
             bar.set_postfix(shards=len(state["shards"]))
             new_tokens += len(shard)
         seconds = time.time() - t0
     state["done"] = True
-    with atomic_write(manifest, "w") as f:
-        json.dump(state, f, indent=1)
+    _write_manifest(manifest, state)
     print(f"{prefix}: {new_tokens:,} tokens tokenized in {seconds:.1f} s "
           f"({new_tokens / max(seconds, 1e-9) / 1e6:.2f}M tokens/s with {workers} process(es)); "
           f"{len(state['shards'])} shards in {out_dir}")
+
+
+def build_shards(sources, key, out_dir, prefix, shard_size, workers, overwrite=False):
+    """Tokenizes the documents of `sources` (a context manager yielding them) into shards in
+    out_dir, recording progress in {prefix}_manifest.json: does nothing when a finished run
+    with the same `key` left them intact, resumes an unfinished one, and replaces the shards
+    of another key only with `overwrite`. Returns the shard paths."""
+    if not 0 < shard_size < 2**31:
+        raise ValueError(f"shard_size must be between 1 and 2**31 - 1, got {shard_size}")
+    _check_prefix(prefix)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = _up_to_date(out_dir, prefix, key)
+    if paths is not None:
+        return paths
+    state = _start(out_dir, prefix, key, overwrite)
+    _tokenize(sources, state, out_dir, prefix, shard_size, workers)
     return [os.path.join(out_dir, name) for name in state["shards"]]
 
 
 def tokenize_local(paths, out_dir, *, prefix="local", shard_size=10**8, workers=None,
-                   streaming=False):
+                   streaming=False, overwrite=False):
     """Tokenizes local .txt/.jsonl/.json/.parquet files into shards (see the module docstring);
-    cached: unchanged inputs return the existing shard paths without tokenizing."""
+    cached: unchanged inputs return the existing shard paths without tokenizing. Shards of
+    other inputs under the same out_dir and prefix are replaced only with overwrite=True."""
     if isinstance(paths, (str, os.PathLike)):  # one file, not the characters of its name
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
@@ -398,16 +477,17 @@ def tokenize_local(paths, out_dir, *, prefix="local", shard_size=10**8, workers=
     if workers is None:
         small = sum(s.st_size for s in stats) < SMALL_INPUT_BYTES
         workers = 1 if small else os.cpu_count() or 1
-    return build_shards(_local_sources(paths, streaming), key, out_dir, prefix, shard_size, workers)
+    return build_shards(_local_sources(paths, streaming), key, out_dir, prefix, shard_size, workers,
+                        overwrite)
 
 
 def tokenize_fineweb(out_dir="edu_fineweb10B", *, name="sample-10BT", prefix="edufineweb",
-                     shard_size=10**8, workers=None, streaming=False):
+                     shard_size=10**8, workers=None, streaming=False, overwrite=False):
     """Downloads FineWeb-Edu's `name` subset from the Hugging Face hub and tokenizes it."""
     key = {"dataset": FINEWEB, "name": name, "shard_size": shard_size,
            "tokenizer": "gpt2, EOT before each document"}
     return build_shards(_fineweb_sources(name, streaming), key, out_dir, prefix, shard_size,
-                        workers or os.cpu_count() or 1)
+                        workers or os.cpu_count() or 1, overwrite)
 
 
 def main(argv=None):
@@ -426,6 +506,9 @@ def main(argv=None):
                         "1 for local inputs under 8 MB, where a pool costs more than it saves)")
     parser.add_argument("--streaming", action="store_true", help="read the data while it "
                         "downloads instead of into the Hugging Face cache first")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards that "
+                        "another input or --shard-size left under the same --out-dir and "
+                        "--prefix (without it they are kept, and the run refused)")
     args = parser.parse_args(argv)
     if not 0 < args.shard_size < 2**31:
         parser.error("--shard-size must be between 1 and 2**31 - 1 (the header holds an int32)")
@@ -436,11 +519,12 @@ def main(argv=None):
             prefix = args.prefix or "local"
             tokenize_local(args.input, args.out_dir or os.path.join("data", prefix), prefix=prefix,
                            shard_size=args.shard_size, workers=args.workers,
-                           streaming=args.streaming)
+                           streaming=args.streaming, overwrite=args.overwrite)
         else:
             tokenize_fineweb(args.out_dir or "edu_fineweb10B", name=args.name,
                              prefix=args.prefix or "edufineweb", shard_size=args.shard_size,
-                             workers=args.workers, streaming=args.streaming)
+                             workers=args.workers, streaming=args.streaming,
+                             overwrite=args.overwrite)
     except OSError as e:  # an unwritable --out-dir, a full disk
         raise UserError(f"{e.filename or args.out_dir}: {e.strerror or e}") from None
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """
 Tests for fineweb.py: shards round-trip, cut at the right places, read llm.c's format and
-build-nanogpt's .npy, survive SIGKILL, cache, and fail on bad input with one clear line.
+build-nanogpt's .npy, survive SIGKILL, cache, resume from a missing shard, never replace
+another run's shards by mistake, and fail on bad input with one clear line.
 
     python -m pytest -q tests/test_fineweb.py
 """
@@ -135,18 +136,6 @@ def test_mixed_inputs_in_order_with_a_pool(tmp_path, hf_cache):
     shards = fineweb.tokenize_local(paths, tmp_path / "out", prefix="mix", shard_size=3000,
                                     workers=2)
     assert np.array_equal(concat(shards), expected_stream(docs))
-
-
-def test_streaming_and_skipping_read_the_same_documents(tmp_path, hf_cache):
-    docs = make_docs(700, seed=3, size=(10, 50))  # several batches of DOCS_PER_TASK
-    write_jsonl(tmp_path / "a.jsonl", docs[:400])
-    (tmp_path / "b.txt").write_text(docs[400], encoding="utf-8")
-    write_jsonl(tmp_path / "c.jsonl", docs[401:])
-    paths = [str(tmp_path / n) for n in ["a.jsonl", "b.txt", "c.jsonl"]]
-    for streaming in [False, True]:
-        with fineweb._local_sources(paths, streaming) as sources:
-            for start in [0, 1, 299, 400, 401, 650, len(docs)]:
-                assert list(fineweb._documents(sources, start)) == docs[start:], (streaming, start)
 
 
 def test_fineweb_from_the_hub_with_a_stand_in_dataset(tmp_path, hf_cache, monkeypatch):
@@ -323,32 +312,105 @@ print(grown // 1024 if sys.platform == "darwin" else grown)  # KiB
 # -----------------------------------------------------------------------------
 # a run: cache, kill and resume, bad input
 
-def test_second_call_is_cached_and_a_changed_input_rebuilds(tmp_path, hf_cache, monkeypatch):
+def file_ids(paths):
+    """What rewriting a file changes: its inode (atomic_write renames a new file over it)
+    and its modification time."""
+    return [(os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in paths]
+
+
+def read_manifest(out, prefix):
+    return json.loads((Path(out) / f"{prefix}_manifest.json").read_text())
+
+
+def test_second_call_changes_nothing(tmp_path, hf_cache, monkeypatch, capsys):
     data, out = tmp_path / "docs.jsonl", tmp_path / "out"
-    docs = make_docs(50, seed=6)
-    write_jsonl(data, docs)
+    write_jsonl(data, make_docs(50, seed=6))
     first = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
-    mtimes = [os.stat(p).st_mtime_ns for p in first]
+    before = file_ids(first + [out / "c_manifest.json"])
+    capsys.readouterr()
 
     def no_tokenizing(texts):
         raise AssertionError("tokenized again although the input did not change")
 
     monkeypatch.setattr(fineweb, "encode_documents", no_tokenizing)
-    t0 = time.time()
     assert fineweb.tokenize_local([data], out, prefix="c", shard_size=4000) == first
-    assert time.time() - t0 < 0.5
-    assert [os.stat(p).st_mtime_ns for p in first] == mtimes
-    monkeypatch.undo()
+    assert capsys.readouterr().out == f"c: {len(first)} shards in {out} are up to date\n"
+    assert file_ids(first + [out / "c_manifest.json"]) == before
+    assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in first] +
+                                             ["c_manifest.json"])
 
-    write_jsonl(data, docs[:20])  # fewer documents: fewer shards, and the old ones must go
-    second = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
-    assert len(second) < len(first)
-    assert np.array_equal(concat(second), expected_stream(docs[:20]))
-    assert fineweb.list_shards(out, "val") + fineweb.list_shards(out, "train") == second
 
-    os.remove(second[-1])  # a deleted shard: the next call makes it again
-    assert fineweb.tokenize_local([data], out, prefix="c", shard_size=4000) == second
+def test_shards_of_another_input_are_kept_unless_overwrite(tmp_path, hf_cache):
+    data, out = tmp_path / "docs.jsonl", tmp_path / "out"
+    docs = make_docs(50, seed=6)
+    write_jsonl(data, docs)
+    first = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
+    kept = {p: Path(p).read_bytes() for p in first + [str(out / "c_manifest.json")]}
+    other = tmp_path / "other.txt"
+    other.write_text(docs[0])
+    write_jsonl(data, docs[:20])  # the same file, now other documents
+    for paths, shard_size in [([data], 4000), ([other], 4000), ([data], 3000)]:
+        with pytest.raises(fineweb.InputError, match=r"--out-dir or --prefix.*--overwrite"):
+            fineweb.tokenize_local(paths, out, prefix="c", shard_size=shard_size)
+        assert {p: Path(p).read_bytes() for p in kept} == kept
+    # another prefix in the same directory keeps both
+    mine = fineweb.tokenize_local([other], out, prefix="mine", shard_size=4000)
+    assert {p: Path(p).read_bytes() for p in kept} == kept
+    assert np.array_equal(concat(mine), expected_stream(docs[:1]))
+
+    second = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000, overwrite=True)
+    assert len(second) < len(first)  # fewer documents: fewer shards, and the others are gone
     assert np.array_equal(concat(second), expected_stream(docs[:20]))
+    assert sorted(fineweb.list_shards(out, "val") + fineweb.list_shards(out, "train")) == \
+        sorted(second + mine)
+
+
+def test_shards_without_a_manifest_are_kept_unless_overwrite(tmp_path):
+    # llm.c's fineweb.py names its shards like ours and writes no manifest
+    out = tmp_path / "edu"
+    out.mkdir()
+    fineweb.write_shard(out / "edufineweb_train_000001.bin", np.arange(10, dtype=np.uint16))
+    (tmp_path / "a.txt").write_text("hello world")
+    with pytest.raises(fineweb.InputError, match=r"1 edufineweb shards have no edufineweb_mani"):
+        fineweb.tokenize_local([tmp_path / "a.txt"], out, prefix="edufineweb")
+    assert os.listdir(out) == ["edufineweb_train_000001.bin"]
+    shards = fineweb.tokenize_local([tmp_path / "a.txt"], out, prefix="edufineweb", overwrite=True)
+    assert sorted(os.listdir(out)) == ["edufineweb_manifest.json", "edufineweb_val_000000.bin"]
+    assert np.array_equal(concat(shards), expected_stream(["hello world"]))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_missing_or_damaged_shard_is_made_again_from_where_it_starts(tmp_path, hf_cache,
+                                                                       capsys, streaming):
+    # A shard starts at a task of DOCS_PER_TASK documents, less the tokens an earlier shard
+    # holds: here at document 0, 256 (inside a.jsonl) or 512 (past b.txt, inside c.jsonl).
+    docs = make_docs(700, seed=3, size=(10, 50))
+    write_jsonl(tmp_path / "a.jsonl", docs[:400])
+    (tmp_path / "b.txt").write_text(docs[400], encoding="utf-8")
+    write_jsonl(tmp_path / "c.jsonl", docs[401:])
+    paths = [tmp_path / n for n in ["a.jsonl", "b.txt", "c.jsonl"]]
+    out = tmp_path / "out"
+    shards = fineweb.tokenize_local(paths, out, prefix="s", shard_size=2000, streaming=streaming)
+    reference = [Path(p).read_bytes() for p in shards]
+    starts = [record["start"] for record in read_manifest(out, "s")["shards"].values()]
+    assert starts[0] == [0, 0] and len(starts) == len(shards)
+    assert fineweb.DOCS_PER_TASK == 256 and {d for d, _ in starts} == {0, 256, 512}
+    first_at = [next(k for k, (d, _) in enumerate(starts) if d == doc) for doc in [256, 512]]
+    for i, k in enumerate([1] + first_at + [len(shards) - 1]):
+        if i % 2:
+            os.remove(shards[k])
+        else:  # damaged: cut short
+            Path(shards[k]).write_bytes(reference[k][:-2])
+        kept = file_ids(shards[:k])
+        capsys.readouterr()
+        assert fineweb.tokenize_local(paths, out, prefix="s", shard_size=2000,
+                                      streaming=streaming) == shards
+        said = capsys.readouterr().out
+        assert f"s_{'val' if k == 0 else 'train'}_{k:06d}.bin is missing or damaged; " \
+            f"tokenizing again from it on, keeping the {k} shard(s) before it" in said
+        assert file_ids(shards[:k]) == kept
+        assert [Path(p).read_bytes() for p in shards] == reference
+    assert np.array_equal(concat(shards), expected_stream(docs))
 
 
 def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
@@ -406,8 +468,8 @@ def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
                  dict(kill_after_shards=rng.randint(1, 6)),
                  dict(kill_after_shards=rng.randint(1, 6))]:
         run_and_kill(**kill)
-        manifest = fineweb._read_manifest(out / "local_manifest.json") or {"shards": {}}
-        for name in manifest["shards"]:
+        manifest = out / "local_manifest.json"
+        for name in json.loads(manifest.read_text())["shards"] if manifest.exists() else []:
             finished.setdefault(name, (out / name).stat().st_mtime_ns)
     assert finished, "no kill came after a shard was complete"
 
