@@ -310,7 +310,7 @@ def pack_shards(encoded, shard_size, skip=0, progress=None):
 # {prefix}_manifest.json tells what the shards of one prefix hold:
 #   key     what they are made of (inputs, shard size, tokenizer); another key is another run
 #   shards  name -> {"tokens": count, "start": [document, tokens to skip] where the shard
-#           begins in the token stream}
+#           begins in the token stream, "largest_id": its largest token id}
 #   resume  [document, tokens to skip] where the next shard begins
 #   done    whether the last shard is written
 
@@ -337,6 +337,21 @@ def _read_manifest(path):
 def _write_manifest(path, state):
     with atomic_write(path, "w") as f:
         json.dump(state, f, indent=1)
+
+
+def largest_token_id(data_dir):
+    """The largest token id in the shards of data_dir, read from the manifests beside them
+    (no shard is opened), so a trainer can refuse a vocab_size too small for the data before
+    it starts. None when some shard has no such record (made elsewhere, or by an older
+    fineweb.py): then only reading the shards could tell."""
+    manifests = [n for n in os.listdir(data_dir) if n.endswith("_manifest.json")] \
+        if os.path.isdir(data_dir) else []
+    records = {}
+    for name in manifests:
+        records.update((_read_manifest(os.path.join(data_dir, name)) or {"shards": {}})["shards"])
+    largest = [records.get(os.path.basename(path), {}).get("largest_id")
+               for path in list_shards(data_dir, "val") + list_shards(data_dir, "train")]
+    return None if not largest or None in largest else max(largest)
 
 
 def _first_damaged(out_dir, shards):
@@ -426,7 +441,8 @@ def _tokenize(sources, state, out_dir, prefix, shard_size, workers):
         for shard, resume in pack_shards(encoded, shard_size, skip, progress=bar):
             name = shard_name(prefix, len(state["shards"]))
             write_shard(os.path.join(out_dir, name), shard)
-            state["shards"][name] = {"tokens": len(shard), "start": state["resume"]}
+            state["shards"][name] = {"tokens": len(shard), "start": state["resume"],
+                                     "largest_id": int(shard.max())}
             state["resume"], state["done"] = resume, resume is None
             _write_manifest(manifest, state)
             bar.set_postfix(shards=len(state["shards"]))

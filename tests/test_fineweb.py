@@ -413,6 +413,26 @@ def test_a_missing_or_damaged_shard_is_made_again_from_where_it_starts(tmp_path,
     assert np.array_equal(concat(shards), expected_stream(docs))
 
 
+def test_the_manifest_records_each_shards_largest_token_id(tmp_path):
+    docs = ["a" * 3000 + " word" * 2000, "short", " the" * 1500]  # shards without an EOT
+    for i, d in enumerate(docs):
+        (tmp_path / f"d{i}.txt").write_text(d)
+    out = tmp_path / "out"
+    assert fineweb.largest_token_id(out) is None
+    shards = fineweb.tokenize_local([tmp_path / f"d{i}.txt" for i in range(3)], out, prefix="m",
+                                    shard_size=1000)
+    records = read_manifest(out, "m")["shards"]
+    largest = [int(fineweb.load_shard(p).max()) for p in shards]
+    assert [records[os.path.basename(p)]["largest_id"] for p in shards] == largest
+    assert min(largest) < EOT  # some shard holds no document start
+    assert fineweb.largest_token_id(out) == max(largest) == EOT
+    fineweb.tokenize_local([tmp_path / "d2.txt"], out, prefix="n", shard_size=1000)  # a second
+    assert fineweb.largest_token_id(str(out)) == EOT
+    # a shard that no manifest describes could hold anything
+    fineweb.write_shard(out / "foreign_train_000001.bin", np.array([7], dtype=np.uint16))
+    assert fineweb.largest_token_id(out) is None
+
+
 def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
     data = tmp_path / "docs.jsonl"
     write_jsonl(data, make_docs(600, seed=7, size=(1000, 10000)))  # ~1.2M tokens
