@@ -20,9 +20,9 @@ record in its "text" field and are read through Hugging Face `datasets`, like th
 Safe to kill: a shard gets its final name only once it is complete and on disk, and
 {prefix}_manifest.json records where each shard starts. Run the same command again and it
 resumes from the first missing or damaged shard, ending with the same bytes as an uninterrupted
-run; a finished run with unchanged inputs returns at once. Nothing is lost by mistake: the
-shards of another input or --shard-size under the same --out-dir and --prefix are kept (and
-the run refused) unless you pass --overwrite.
+run; a finished run with unchanged inputs returns at once. Nothing is lost by mistake: one
+--out-dir takes one run at a time, and the shards of another input or --shard-size under the
+same --out-dir and --prefix are kept (and the run refused) unless you pass --overwrite.
 
 From Python (train_gpt2.py does this):
 
@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from common import UserError, atomic_write, run_cli
+from common import DirLock, UserError, atomic_write, run_cli
 from tokenizer import EOT, get_encoding
 
 MAGIC = 20240520   # llm.c's shard magic (dev/data/data_common.py, write_datafile)
@@ -376,6 +376,16 @@ def _up_to_date(out_dir, prefix, key):
     return [os.path.join(out_dir, name) for name in state["shards"]]
 
 
+def _remove_temp_files(out_dir, prefix):
+    # atomic_write's temp files (.NAME.PID.tmp) that a killed run of this prefix left behind:
+    # no other process writes them while we hold the lock
+    ours = re.compile(r"\." + re.escape(prefix) +
+                      r"_(?:(?:val|train)_\d{6}\.bin|manifest\.json)\.\d+\.tmp")
+    for name in os.listdir(out_dir):
+        if ours.fullmatch(name):
+            os.remove(os.path.join(out_dir, name))
+
+
 def _start_over(out_dir, prefix, key, old_state, overwrite):
     """A state for a run from the first document. The prefix's shards already in out_dir
     are made by another run: they are removed only when `overwrite`, never silently."""
@@ -464,11 +474,19 @@ def build_shards(sources, key, out_dir, prefix, shard_size, workers, overwrite=F
         raise ValueError(f"shard_size must be between 1 and 2**31 - 1, got {shard_size}")
     _check_prefix(prefix)
     os.makedirs(out_dir, exist_ok=True)
+    # Read-only, without the lock: runs that only use the shards (every shakespeare training
+    # run asks) never get in each other's way.
     paths = _up_to_date(out_dir, prefix, key)
     if paths is not None:
         return paths
-    state = _start(out_dir, prefix, key, overwrite)
-    _tokenize(sources, state, out_dir, prefix, shard_size, workers)
+    lock = DirLock(out_dir, "fineweb.py run")  # two writers would mix their shards
+    try:
+        _remove_temp_files(out_dir, prefix)
+        state = _start(out_dir, prefix, key, overwrite)
+        if not state["done"]:  # done: another run finished them since we looked
+            _tokenize(sources, state, out_dir, prefix, shard_size, workers)
+    finally:
+        lock.release()
     return [os.path.join(out_dir, name) for name in state["shards"]]
 
 

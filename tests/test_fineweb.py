@@ -9,6 +9,7 @@ another run's shards by mistake, and fail on bad input with one clear line.
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -507,6 +508,37 @@ def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
     assert rerun.returncode == 0 and "up to date" in out_text
 
 
+@pytest.fixture(scope="module")
+def slow_input(tmp_path_factory):
+    """One .txt document that takes a tokenizer process seconds: a run that is still busy
+    while the test looks at it."""
+    path = tmp_path_factory.mktemp("slow") / "slow.txt"
+    path.write_text((ROOT / "input.txt").read_text(encoding="utf-8") * 40, encoding="utf-8")
+    return path
+
+
+def test_a_second_run_into_one_out_dir_is_refused(tmp_path, slow_input):
+    out = tmp_path / "out"
+    first = run_fineweb("--input", slow_input, "--out-dir", out, "--workers", 1,
+                        start_new_session=True)
+    try:
+        # tqdm draws its bar once the run holds the directory, before it reads the input
+        assert select.select([first.stderr], [], [], 60)[0], "the first run never started"
+        (tmp_path / "other.txt").write_text("another input")
+        others = [run_fineweb("--input", path, "--out-dir", out)
+                  for path in [tmp_path / "other.txt", slow_input]]
+        for proc in others:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 1
+            assert err == f"error: {out}/ is in use by another fineweb.py run; wait for it to " \
+                "finish, or use another directory\n"
+        manifest = json.loads((out / "local_manifest.json").read_text())
+        assert [i["path"] for i in manifest["key"]["inputs"]] == [str(slow_input)]
+    finally:
+        first.kill()
+        first.communicate()
+
+
 def _bad_runs(tmp_path):
     """[(fineweb.py arguments, words the one error line must hold)]"""
     (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"title": "no text here"}\n')
@@ -523,7 +555,9 @@ def _bad_runs(tmp_path):
 
 def test_bad_input_is_one_line_without_traceback(tmp_path, hf_cache):
     runs = _bad_runs(tmp_path)
-    procs = [run_fineweb(*args, "--out-dir", tmp_path / "out") for args, _ in runs]
+    # one --out-dir each: running at once, they would be refused for sharing one
+    procs = [run_fineweb(*args, "--out-dir", tmp_path / f"out{i}")
+             for i, (args, _) in enumerate(runs)]
     for proc, (args, words) in zip(procs, runs):
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0, args
