@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -273,6 +274,31 @@ def encode_documents(texts):
     return tokens
 
 
+def _end_with_parent():
+    """Pool initializer: the worker ends when the process that started it dies, even by
+    kill -9, instead of tokenizing on for nobody. (A worker orphaned before this runs has no
+    task yet: it ends when its task pipe closes.)"""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        # <linux/prctl.h>: the kernel sends the signal when the thread that forked us ends;
+        # that is the one that runs the whole pool
+        PR_SET_PDEATHSIG = 1
+        try:
+            if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+                return
+        except (OSError, AttributeError):  # no prctl in this libc: watch instead
+            pass
+    import threading
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent):
+    while os.getppid() == parent:  # a dead parent's children get another one
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _encode_task(task):  # what a pool worker runs: top level, so it pickles on every platform
     first_doc, texts = task
     return first_doc, encode_documents(texts)
@@ -440,7 +466,7 @@ def _tokenize(sources, state, out_dir, prefix, shard_size, workers):
     start_doc, skip = state["resume"]
     written = sum(record["tokens"] for record in state["shards"].values())
     # The pool first: forked workers then inherit the tokenizer but none of datasets' threads.
-    with (multiprocessing.Pool(workers) if workers > 1
+    with (multiprocessing.Pool(workers, _end_with_parent) if workers > 1
           else contextlib.nullcontext()) as pool, \
             sources as docs_sources, \
             tqdm(desc=prefix, unit="tok", unit_scale=True, initial=written,

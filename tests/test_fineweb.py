@@ -6,6 +6,7 @@ another run's shards by mistake, and fail on bad input with one clear line.
     python -m pytest -q tests/test_fineweb.py
 """
 
+import contextlib
 import json
 import os
 import random
@@ -537,6 +538,51 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, slow_input):
     finally:
         first.kill()
         first.communicate()
+
+
+def processes_in_group(pgid):
+    """{pid: (state, ppid, cpu seconds)} of the live processes of a process group (Linux)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        state, ppid, pgrp, utime, stime = fields[0], fields[1], fields[2], fields[11], fields[12]
+        if int(pgrp) == pgid and state not in "ZX":  # a zombie has ended, just not been reaped
+            cpu_seconds = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+            found[int(pid)] = (state, int(ppid), cpu_seconds)
+    return found
+
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+
+
+@linux_only
+@pytest.mark.parametrize("platform", ["linux", "other"])
+def test_pool_workers_end_with_their_killed_parent(tmp_path, slow_input, platform):
+    args = ["--input", str(slow_input), "--out-dir", str(tmp_path / "out"), "--workers", "2"]
+    # elsewhere than Linux, the workers watch their parent instead of asking the kernel
+    code = f"import sys, common, fineweb; sys.platform = {platform!r}; " \
+        f"sys.exit(common.run_cli(fineweb.main, {args!r}))"
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not [pid for pid, (_, ppid, cpu) in processes_in_group(parent.pid).items()
+                   if ppid == parent.pid and cpu > 0.2]:  # a worker busy with the document
+            assert parent.poll() is None and time.time() < deadline, "no worker got to work"
+            time.sleep(0.01)
+        parent.kill()
+        parent.wait()  # not communicate(): that would wait for the workers, who share its pipes
+        deadline = time.time() + 1
+        while survivors := processes_in_group(parent.pid):
+            assert time.time() < deadline, f"workers outlived their parent: {survivors}"
+            time.sleep(0.01)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.communicate()
 
 
 def _bad_runs(tmp_path):
