@@ -153,11 +153,56 @@ def _first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def _is_json(path):
+    return LOCAL_FORMATS.get(os.path.splitext(path)[1].lower()) == "json"
+
+
+def _json_problem(path):
+    """The first line of a .json/.jsonl file that json cannot read, or that holds a lone
+    surrogate (pyarrow refuses it, Python's json does not), as "line N ..."; None if none."""
+    with open(path, "rb") as f:
+        is_array = f.read(1 << 16).lstrip().startswith(b"[")
+        f.seek(0)
+        chunks = [f.read()] if is_array else f  # an array is one document; else one per line
+        for number, chunk in enumerate(chunks, 1):
+            chunk = chunk.rstrip()  # or json places an error at the end on the next line
+            try:
+                record = json.loads(chunk) if chunk else {}
+                # a lone surrogate anywhere in the record cannot be encoded as UTF-8
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except json.JSONDecodeError as e:
+                return f"line {number + e.lineno - 1} is not JSON ({e.msg}, column {e.colno})"
+            except UnicodeDecodeError as e:
+                newlines = chunk.count(b"\n", 0, e.start)
+                return f"line {number + newlines} is not UTF-8 ({e.reason})"
+            except UnicodeEncodeError:
+                where = "a string" if is_array else f"line {number}"
+                return (f"{where} holds a lone surrogate (half of a UTF-16 pair, like "
+                        "\\ud800), which is not text")
+            if not is_array and not isinstance(record, dict):
+                return f"line {number} is not a JSON object ({{...}}), so not a record"
+    return None
+
+
+def _is_blank(path):
+    with open(path, "rb") as f:
+        return not f.read(1 << 16).strip()  # whitespace only, as far as is cheap to look
+
+
+def _input_error(label, message):
+    """The error for a file datasets failed on. Its messages for a bad JSON line name neither
+    the file nor the line, so for a JSON file we read it again to find the line."""
+    problem = _json_problem(label) if _is_json(label) and os.path.isfile(label) else None
+    if problem:
+        return InputError(f"{label}: {problem}; fix or remove it")
+    return InputError(f"{label}: {message}")
+
+
 def _load(datasets, label, hint, path, streaming, **kwargs):
     try:
         ds = datasets.load_dataset(path, split="train", streaming=streaming, **kwargs)
     except Exception as e:  # datasets and pyarrow raise many kinds; the user needs the file
-        raise InputError(f"{label}: cannot load it ({_first_line(e)}); {hint}") from None
+        raise _input_error(label, f"cannot load it ({_first_line(e)}); {hint}") from None
     features = ds.features  # None for a streaming dataset that has not been read yet
     if features is not None:
         if "text" not in features:
@@ -240,7 +285,7 @@ def _documents(sources, start):
         except InputError:
             raise
         except Exception as e:
-            raise InputError(f"{label}: reading failed ({_first_line(e)})") from None
+            raise _input_error(label, f"reading failed ({_first_line(e)})") from None
 
 
 def _tasks(documents, first_doc):
@@ -530,6 +575,9 @@ def tokenize_local(paths, out_dir, *, prefix="local", shard_size=10**8, workers=
         if os.path.splitext(path)[1].lower() not in LOCAL_FORMATS:
             raise InputError(f"{path}: unknown extension; give .txt (one document per file), "
                              ".jsonl/.json or .parquet (one document per record, in 'text')")
+        if _is_json(path) and _is_blank(path):
+            raise InputError(f"{path}: empty, no records; give it one JSON object per line, "
+                             'like {"text": "a document"}')
     stats = [os.stat(p) for p in paths]
     key = {"inputs": [{"path": os.path.abspath(p), "bytes": s.st_size, "mtime_ns": s.st_mtime_ns}
                       for p, s in zip(paths, stats)],

@@ -585,6 +585,25 @@ def test_pool_workers_end_with_their_killed_parent(tmp_path, slow_input, platfor
         parent.communicate()
 
 
+JSON_LINES = ['{"text": "one"}', '{"text": "two"}', '{"text": "three"}', '{"text": "four"}']
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name, lines, want", [
+    ("bad.jsonl", JSON_LINES[:2] + ['{"text": "no closing brace"'] + JSON_LINES[2:],
+     "bad.jsonl: line 3 is not JSON (Expecting ',' delimiter, column 28)"),
+    ("surrogate.jsonl", JSON_LINES[:3] + ['{"text": "half a pair: \\ud800 "}'],
+     "surrogate.jsonl: line 4 holds a lone surrogate"),
+    ("empty.jsonl", [], "empty.jsonl: empty, no records"),
+    ("blank.jsonl", ["", "  "], "blank.jsonl: empty, no records"),
+], ids=["bad line", "surrogate", "empty", "blank"])
+def test_a_bad_json_file_names_the_line(tmp_path, hf_cache, streaming, name, lines, want):
+    (tmp_path / name).write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(fineweb.InputError) as error:
+        fineweb.tokenize_local([tmp_path / name], tmp_path / "out", streaming=streaming)
+    assert str(error.value).startswith(f"{tmp_path / want}")
+
+
 def _bad_runs(tmp_path):
     """[(fineweb.py arguments, words the one error line must hold)]"""
     (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"title": "no text here"}\n')
