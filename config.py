@@ -29,7 +29,8 @@ class TrainConfig:
     # 50257 padded to a multiple of 128: matmuls on GPUs like round numbers
     vocab_size: int = opt(50304, "embedding rows (50304: GPT-2's 50257 padded)")
     # data
-    data_dir: str = opt("edu_fineweb10B", "directory of *_train_*/*_val_* shards (fineweb.py)")
+    data_dir: str = opt("edu_fineweb10B", "directory of PREFIX_train_N/PREFIX_val_N shards "
+                                          "(fineweb.py)")
     shuffle: bool = opt(True, "shuffle shards and windows every epoch")
     # 20 steps of 8 x 64 x 1024 tokens, as build-nanogpt evaluated
     val_tokens: int = opt(10_485_760, "tokens of the val split per evaluation")

@@ -313,7 +313,7 @@ class DataLoaderLite:
     inside each shard from (seed, epoch), identically on every rank; not shuffled, it is
     build-nanogpt's order, shard by shard, start to end. The last world_size - 1 windows
     of an epoch or fewer go unused when the count does not divide. With vocab_size, a
-    token id the model has no embedding for stops the run with the shard's name."""
+    token id past it stops the run with the shard's name."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=0,
                  vocab_size=None):
@@ -323,7 +323,7 @@ class DataLoaderLite:
         self.vocab_size = vocab_size
         self.paths = fineweb.list_shards(data_dir, split)
         if not self.paths:
-            raise UserError(f"no {split} shards (*_{split}_*.bin or .npy) in {data_dir}")
+            raise UserError(f"no {split} shards (PREFIX_{split}_NNNNNN.bin or .npy) in {data_dir}")
         self.shards = [fineweb.load_shard(p) for p in self.paths]
         # window i of a shard covers tokens [i*B*T, (i+1)*B*T + 1); a shard shorter than a
         # window (fineweb's last shard holds the remainder), an empty one included, adds none
@@ -361,9 +361,8 @@ class DataLoaderLite:
         shard = self.order_shard[i]
         buf = torch.from_numpy(self.shards[shard][start:start + B * T + 1].astype(np.int64))
         if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
-            raise UserError(f"{self.paths[shard]} holds token id {int(buf.max())}, but the "
-                            f"model has --vocab-size {self.vocab_size}; use a larger "
-                            "--vocab-size (50304 for GPT-2's tokenizer)")
+            raise UserError(f"{self.paths[shard]} holds token id {int(buf.max())}: use a "
+                            f"--vocab-size above it (now {self.vocab_size}; GPT-2's: 50304)")
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
     def next_batch(self):
@@ -593,8 +592,7 @@ def record(run, step, stream, value, text):
 
 
 def stop_agreed(stop, env):
-    """The signal any rank received, 0 if none: every rank must stop after the same step,
-    or the others would wait for it forever."""
+    """The signal any rank got (0: none): all stop after one step, or some wait forever."""
     flag = torch.tensor([stop.signum], device=env.device)
     if env.ddp:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -668,30 +666,34 @@ def prepare_data(cfg, env):
     if cfg.preset == "shakespeare" and not cfg.data_dir:
         cfg.data_dir = os.path.join(HERE, "data", "shakespeare")
         if env.master:
-            # 2**15 tokens per shard: shard 0 (val) holds about a tenth of the text
+            # the script's own cache, replaced when input.txt changes; 2**15 tokens per
+            # shard, so shard 0 (val) holds about a tenth of the text
             fineweb.tokenize_local([os.path.join(HERE, "input.txt")], cfg.data_dir,
-                                   prefix="shakespeare", shard_size=2 ** 15, workers=1)
+                                   prefix="shakespeare", shard_size=2 ** 15, workers=1,
+                                   overwrite=True)
         if env.ddp:
             dist.barrier()
     if not os.path.isdir(cfg.data_dir) or not fineweb.list_shards(cfg.data_dir, "train"):
         raise UserError(f"no training shards in {cfg.data_dir}/: run `python fineweb.py` to "
                         "make them (FineWeb-Edu, 10B tokens), or try "
                         "`python train_gpt2.py --preset shakespeare`")
+    largest = fineweb.largest_token_id(cfg.data_dir)  # from the manifest: no shard is read
+    if largest is not None and largest >= cfg.vocab_size:
+        raise UserError(f"{cfg.data_dir}/ holds token id {largest}: use a --vocab-size above "
+                        f"it (now {cfg.vocab_size}; GPT-2's: 50304)")
 
 
 def load_hellaswag(cfg, env):
+    """The in-training eval's examples: rank 0 downloads the val split if it is not cached
+    yet, then the other ranks read it."""
     if cfg.hellaswag_every <= 0:
         return []
-
-    def load():
-        return hellaswag.load_examples(split=None if cfg.hellaswag_jsonl else "val",
-                                       jsonl=cfg.hellaswag_jsonl or None,
-                                       limit=cfg.hellaswag_limit or None)
-    # rank 0 downloads the val split if it is not cached yet; the others then read it
-    examples = load() if env.master else []
+    source = dict(split=None if cfg.hellaswag_jsonl else "val",
+                  jsonl=cfg.hellaswag_jsonl or None, limit=cfg.hellaswag_limit or None)
+    examples = hellaswag.load_examples(**source) if env.master else []
     if env.ddp:
         dist.barrier()
-    return examples or load()
+    return examples or hellaswag.load_examples(**source)
 
 
 def start_run(cfg, env, ckpt):
@@ -792,7 +794,7 @@ if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, leave without Python's shutdown: a gloo thread that still holds a
         # finished collective's tensors can abort the interpreter as it exits (README, Errata)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
         os._exit(status)
     sys.exit(status)
