@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import DirLock, UserError, atomic_write, os_error_message
+from common import DirLock, UserError, atomic_write, hub_unreachable, os_error_message
 from tokenizer import GPT2_VOCAB
 
 CHECKPOINT_KIND = "train_gpt2 checkpoint"
@@ -246,6 +246,29 @@ def hf_model(ckpt):
         raise CheckpointError(f"the checkpoint's weights do not fit GPT-2: "
                               f"{(missing + unexpected)[:5]}")
     return model.eval()
+
+
+class PretrainedError(UserError):
+    """A transformers model that cannot be loaded; the message says what to do."""
+
+
+def load_pretrained(hf_class, name_or_path, hint):
+    """hf_class.from_pretrained(name_or_path): a directory, or a name on the Hugging Face
+    hub ("gpt2", "org/name"). When the hub cannot be reached, only Hugging Face's cache is
+    read, at once, and a model that is not there is one line ending in `hint`."""
+    # anything but "name" or "org/name" is a path on this machine: no hub to ask
+    local = (os.path.isdir(name_or_path) or os.path.isabs(name_or_path)
+             or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1)
+    offline = None if local else hub_unreachable()
+    try:
+        return hf_class.from_pretrained(name_or_path, local_files_only=offline is not None)
+    except (OSError, ValueError) as e:
+        if offline:
+            raise PretrainedError(f"could not load model {name_or_path!r}: it is not in the "
+                                  f"Hugging Face cache and the hub is out of reach ({offline}); "
+                                  f"{hint}") from None
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise PretrainedError(f"could not load model {name_or_path!r}: {first.strip()}") from None
 
 
 def export_hf(model, out_dir):

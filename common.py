@@ -1,7 +1,8 @@
 """
 What every script of this repository shares: the one error class for mistakes a user can
-fix and the way an entry point reports them, files that appear whole or not at all, and a
-lock that keeps two processes out of one directory.
+fix and the way an entry point reports them, a quick look at whether the network answers
+before a download, files that appear whole or not at all, and a lock that keeps two
+processes out of one directory.
 
 Only the standard library: every module can import it, fineweb.py's workers included,
 without paying for torch.
@@ -48,6 +49,55 @@ def os_error_message(e, path):
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: permission denied; choose a writable place"
     return f"cannot write {path}: {e.strerror or e}"
+
+# -----------------------------------------------------------------------------
+# The network: ask once, quickly, before a download. Without this, Hugging Face's libraries
+# retry an unreachable hub for half a minute, printing a line each time, before they fail.
+
+HUB_URL = "https://huggingface.co"  # HF_ENDPOINT (a mirror) replaces it, as in huggingface_hub
+
+
+def hub_offline():
+    """HF_HUB_OFFLINE=1: the user says there is no network; Hugging Face's libraries then
+    read their cache only, at once."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def unreachable(url, timeout=3.0):
+    """Why no TCP connection to url's host opens within `timeout` seconds (DNS included),
+    or None when one does. A non-network url (file://) is always reachable; with a proxy
+    set, the proxy is what must answer."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return None
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    outcome = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{address[0]}:{address[1]}: {e.strerror or e}")
+    # a thread, because the DNS lookup inside create_connection ignores the timeout
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{address[0]}:{address[1]}: no answer in {timeout:g} s"
+
+
+def hub_unreachable():
+    """Why the Hugging Face hub cannot be reached now, or None when it can."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    return unreachable(os.environ.get("HF_ENDPOINT") or HUB_URL)
 
 # -----------------------------------------------------------------------------
 # Files

@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from common import DirLock, UserError, atomic_write, run_cli
+from common import DirLock, UserError, atomic_write, hub_offline, hub_unreachable, run_cli
 from tokenizer import EOT, get_encoding
 
 MAGIC = 20240520   # llm.c's shard magic (dev/data/data_common.py, write_datafile)
@@ -245,8 +245,16 @@ def _local_sources(paths, streaming):
 
 @contextlib.contextmanager
 def _fineweb_sources(name, streaming):
+    # asked first: datasets would retry an unreachable hub for half a minute. With
+    # HF_HUB_OFFLINE set, datasets reads its own cache at once (a copy from an earlier run).
+    if not hub_offline() and (reason := hub_unreachable()):
+        raise InputError(f"{FINEWEB} is on the Hugging Face hub, which is out of reach "
+                         f"({reason}); tokenize files on this machine instead: "
+                         "python fineweb.py --input FILE...")
     import datasets
-    hint = "check the internet connection and --name, or tokenize local files with --input"
+    hint = ("HF_HUB_OFFLINE is set, so only a copy in the Hugging Face cache is read: unset it, "
+            "or tokenize local files with --input" if hub_offline() else
+            "check the internet connection and --name, or tokenize local files with --input")
     yield [(FINEWEB, _load(datasets, f"{FINEWEB} ({name})", hint, FINEWEB, streaming, name=name))]
 
 

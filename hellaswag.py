@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import hf_model, read_checkpoint
-from common import UserError, atomic_write, run_cli
+from checkpoint import hf_model, load_pretrained, read_checkpoint
+from common import UserError, atomic_write, run_cli, unreachable
 from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
 
@@ -102,6 +102,14 @@ def download_split(split, cache_dir, url=None, num_examples=None):
     url = url or DATA_URL.format(split=split)
     num_examples = num_examples or SPLIT_SIZES[split]
     path = split_path(split, cache_dir)
+
+    def failed(reason):
+        return DownloadError(
+            f"could not download {url} ({reason}); without internet, copy "
+            f"{os.path.basename(path)} into {cache_dir}/ or pass --jsonl FILE")
+    # a few seconds to learn there is no network, not urlopen's 30 s timeout
+    if reason := unreachable(url):
+        raise failed(reason)
     os.makedirs(cache_dir, exist_ok=True)
     # the file gets its name only once it is complete and has the right number of examples
     with atomic_write(path) as f:
@@ -114,10 +122,7 @@ def download_split(split, cache_dir, url=None, num_examples=None):
                         f.write(chunk)
                         bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
-            reason = getattr(e, "reason", None) or e
-            raise DownloadError(
-                f"could not download {url} ({reason}); without internet, copy "
-                f"{os.path.basename(path)} into {cache_dir}/ or pass --jsonl FILE") from None
+            raise failed(getattr(e, "reason", None) or e) from None
         f.flush()
         got = count_examples(f.name)
         if got != num_examples:
@@ -366,19 +371,12 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
 # The command line.
 
 
-class ModelLoadError(HellaSwagError):
-    pass
-
-
 def load_hf_model(name_or_path, device):
     """Any causal LM transformers can load (a hub name or a saved directory) ->
     (callable idx -> logits, block size)."""
     from transformers import AutoModelForCausalLM  # slow to import; only this path needs it
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ModelLoadError(f"could not load model {name_or_path!r}: {first.strip()}") from None
+    hf = load_pretrained(AutoModelForCausalLM, name_or_path, hint="give -m the directory of a "
+                         "saved model (e.g. one --export-hf wrote), or --checkpoint PATH")
     hf = hf.float().to(device).eval()  # fp32 weights; bf16 comes from autocast
     c = hf.config
     block_size = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)

@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fineweb
 import hellaswag
-from checkpoint import (CONV1D_WEIGHTS, export_hf, log_line, open_log_dir, read_checkpoint,
-                        rng_state, save_checkpoint, set_rng_state, trim_log)
+from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, open_log_dir,
+                        read_checkpoint, rng_state, save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
@@ -235,7 +235,7 @@ class GPT(nn.Module):
         """GPT-2 weights from Hugging Face: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
         directory that transformers saved."""
         from transformers import GPT2LMHeadModel
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hf = load_pretrained(GPT2LMHeadModel, name_or_path, "give a saved model's directory")
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
