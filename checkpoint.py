@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from common import DirLock, UserError, atomic_write, hub_unreachable, os_error_message
-from tokenizer import GPT2_VOCAB
+from tokenizer import GPT2_VOCAB, save_hf_tokenizer
 
 CHECKPOINT_KIND = "train_gpt2 checkpoint"
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")
@@ -272,8 +272,10 @@ def load_pretrained(hf_class, name_or_path, hint):
 
 
 def export_hf(model, out_dir):
-    """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads, so
-    lm-evaluation-harness and every transformers tool can use a model trained here."""
+    """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads, and
+    GPT-2's tokenizer beside them, so pipeline("text-generation", model=out_dir),
+    lm-evaluation-harness and every transformers tool can use a model trained here.
+    -> the names of the files written."""
     import dataclasses
     from safetensors.torch import save
     vocab = min(model.config.vocab_size, GPT2_VOCAB)  # cut a padded vocabulary
@@ -284,6 +286,10 @@ def export_hf(model, out_dir):
         config.save_pretrained(out_dir)
         with atomic_write(os.path.join(out_dir, "model.safetensors")) as f:
             f.write(save(sd, metadata={"format": "pt"}))
+        tokenizer_files = []
+        if vocab == GPT2_VOCAB:  # a smaller vocabulary is not GPT-2's tokens
+            tokenizer_files = save_hf_tokenizer(out_dir, model.config.block_size)
     except OSError as e:
         raise UserError(f"--export-hf: cannot write {out_dir}/ ({e.strerror or e}); choose a "
                         "writable directory") from None
+    return ["config.json", "model.safetensors"] + tokenizer_files

@@ -10,6 +10,9 @@ tiktoken.Encoding from them. Nothing here opens a socket.
     from tokenizer import get_encoding
     enc = get_encoding()
     enc.encode_ordinary("hello world")  # [31373, 995]
+
+The same two files are what Hugging Face's GPT2Tokenizer reads (as vocab.json and
+merges.txt): save_hf_tokenizer() writes them beside a model that --export-hf writes.
 """
 
 import functools
@@ -20,7 +23,7 @@ import os
 
 import tiktoken
 
-from common import UserError
+from common import UserError, atomic_write
 
 # sha256 sums that tiktoken_ext/openai_public.py pins for the gpt2 encoding
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -85,3 +88,24 @@ def get_encoding():
         assert ranks[merged] == 256 + i, f"vocab.bpe line {i + 2} disagrees with encoder.json"
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
+
+
+def save_hf_tokenizer(out_dir, model_max_length):
+    """Writes GPT-2's tokenizer as transformers reads it, so AutoTokenizer.from_pretrained
+    (out_dir) builds it offline: vocab.json is encoder.json and merges.txt is vocab.bpe,
+    byte for byte, plus GPT2Tokenizer's settings. -> the file names."""
+    vocab_path, encoder_path = _data_files()
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    # as tiktoken does: no space added before the text, and decode() returns the text as
+    # it was (transformers' clean-up would drop the space before punctuation)
+    settings = dict(special, tokenizer_class="GPT2Tokenizer", add_prefix_space=False,
+                    clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+    files = {"vocab.json": _read_checked(encoder_path, ENCODER_JSON_SHA256),
+             "merges.txt": _read_checked(vocab_path, VOCAB_BPE_SHA256),
+             "tokenizer_config.json": json.dumps(settings, indent=2).encode() + b"\n",
+             "special_tokens_map.json": json.dumps(special, indent=2).encode() + b"\n"}
+    for name, data in files.items():
+        with atomic_write(os.path.join(out_dir, name)) as f:
+            f.write(data)
+    return list(files)

@@ -779,8 +779,8 @@ def main(argv=None):
                           args.max_new_tokens, device, seed=cfg.seed, top_k=args.top_k,
                           temperature=args.temperature)
         else:
-            export_hf(model, args.export_hf)
-            print(f"wrote {args.export_hf}/: config.json, model.safetensors")
+            files = export_hf(model, args.export_hf)
+            print(f"wrote {args.export_hf}/: {', '.join(files)}")
     elif getattr(args, "plot", None):
         save_plot(args.plot, getattr(args, "preset", None))
     elif getattr(args, "resume", None):

@@ -170,7 +170,9 @@ def test_export_hf_matches_transformers(reference, tmp_path):
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2,
                                                 n_head=2, n_embd=64)).eval()
     checkpoint.export_hf(model, str(tmp_path / "hf"))
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "merges.txt", "model.safetensors",
+                                                   "special_tokens_map.json",
+                                                   "tokenizer_config.json", "vocab.json"]
     hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 50257, (2, 30))
     with torch.no_grad():

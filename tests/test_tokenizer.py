@@ -96,3 +96,45 @@ def test_works_with_sockets_blocked(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[31373, 995]"
+
+
+def test_exported_tokenizer_in_transformers(tmp_path, monkeypatch):
+    # --export-hf writes GPT-2's tokenizer beside the model: transformers reads it without
+    # a network (every socket refused here), gives tokenizer.py's ids, and a
+    # text-generation pipeline runs on the exported directory
+    import socket
+
+    import torch
+    from transformers import AutoTokenizer, pipeline
+
+    import checkpoint
+    import train_gpt2
+
+    def refuse(*args, **kwargs):
+        raise OSError("network blocked by the test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=1,
+                                                n_head=1, n_embd=16))
+    out = tmp_path / "hf"
+    files = checkpoint.export_hf(model, str(out))
+    assert sorted(files) == sorted(os.listdir(out))
+    (tmp_path / "probe").write_text("")  # the mode any new file gets under this umask
+    usual = (tmp_path / "probe").stat().st_mode
+    assert {name: (out / name).stat().st_mode for name in files} == dict.fromkeys(files, usual)
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(out))
+    enc = tokenizer.get_encoding()
+    for text in ["Hello, I'm a language model,", "  Spaces,\ttabs\n\n\nand   runs   ",
+                 "ünïcödé, 日本語, emoji 🤖 and café", "it's 1234567 o'clock<|endoftext|>next"]:
+        ids = hf_tokenizer(text)["input_ids"]
+        assert ids == enc.encode(text, allowed_special="all"), text
+        assert hf_tokenizer.decode(ids) == text
+    assert hf_tokenizer.model_max_length == 64
+
+    prompt = "Hello, I'm a language model,"
+    generate = pipeline("text-generation", model=str(out))
+    [result] = generate(prompt, max_new_tokens=4, do_sample=False)
+    assert result["generated_text"].startswith(prompt)
+    assert len(result["generated_text"]) > len(prompt)
