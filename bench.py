@@ -672,7 +672,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="command", required=True)
     ladder = sub.add_parser("ladder", help="the lecture's speed-ups, one rung at a time")
-    ladder.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ladder.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     meaning = {"n_layer": "transformer blocks", "n_head": "attention heads",
                "n_embd": "embedding width", "batch_size": "rows per step (B)",
                "seq_len": "tokens per row (T), also the block size"}
@@ -683,9 +684,11 @@ def build_parser():
     ladder.add_argument("--steps", type=int, help="timed steps per rung (default 20 on CUDA, "
                         "10 elsewhere)")
     ladder.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps before the clock starts (compilation happens here)")
+                        help="untimed steps before the clock starts, where compilation "
+                        "happens (default: %(default)s)")
     ladder.add_argument("--from", dest="start", metavar="RUNG",
-                        help="time the rungs from RUNG on; those before it are on, untimed")
+                        help="time the rungs from RUNG on; those before it are on, untimed "
+                        "(default: time them all)")
     ladder.add_argument("--cpu-compile", action="store_true",
                         help="run the torch.compile rung off CUDA too (minutes on a CPU)")
     ladder.add_argument("--json", metavar="OUT", help="also write the table to this file")
@@ -700,9 +703,10 @@ def build_parser():
                       help="with inductor's coordinate descent tuning (the ladder's rung)")
     prof.add_argument("--json", metavar="OUT", help="also write the table to this file")
     cpu = sub.add_parser("cpu", help="CPU hot paths against their plain alternatives")
-    cpu.add_argument("--only", choices=CPU_BENCHMARKS, help="run one benchmark")
+    cpu.add_argument("--only", choices=CPU_BENCHMARKS, help="run one benchmark (default: all)")
     cpu.add_argument("--tokens", type=int, default=20_000_000,
-                     help="size of the tokenization corpus (default: %(default)s; 100000000 to measure at FineWeb shard size)")
+                     help="size of the tokenization corpus (default: %(default)s; 100000000 "
+                          "to measure at FineWeb shard size)")
     cpu.add_argument("--json", metavar="OUT", help="also write the results to this file")
     return p
 

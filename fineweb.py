@@ -612,12 +612,14 @@ def main(argv=None):
     parser.add_argument("--input", nargs="+", metavar="FILE",
                         help="tokenize these .txt/.jsonl/.json/.parquet files, not FineWeb-Edu")
     parser.add_argument("--name", default="sample-10BT",
-                        help="FineWeb-Edu subset on the hub: sample-10BT, sample-100BT, ...")
+                        help="FineWeb-Edu subset on the hub: sample-10BT, sample-100BT, ... "
+                        "(default: %(default)s)")
     parser.add_argument("--out-dir", help="shard directory (default: edu_fineweb10B, "
                         "or data/PREFIX with --input)")
     parser.add_argument("--prefix", help="shard file name prefix (default: edufineweb, "
                         "or local with --input)")
-    parser.add_argument("--shard-size", type=int, default=10**8, help="tokens per shard")
+    parser.add_argument("--shard-size", type=int, default=10**8,
+                        help="tokens per shard (default: %(default)s)")
     parser.add_argument("--workers", type=int, help="tokenizer processes (default: one per core; "
                         "1 for local inputs under 8 MB, where a pool costs more than it saves)")
     parser.add_argument("--streaming", action="store_true", help="read the data while it "

@@ -397,11 +397,12 @@ def build_parser():
     data.add_argument("--jsonl", help="a local file of HellaSwag-format examples instead")
     p.add_argument("--cache-dir", default=default_cache_dir(),
                    help="where downloaded splits are kept (default: %(default)s)")
-    p.add_argument("--limit", type=positive_int, help="only the first N examples")
+    p.add_argument("--limit", type=positive_int, help="only the first N examples (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="examples per forward pass, 4 rows each (default: %(default)s); "
                         "lower it if memory runs out")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--verbose", action="store_true",
                    help="print the first examples with the loss of each ending")
     return p
