@@ -53,6 +53,18 @@ def list_checkpoints(log_dir):
     return [os.path.join(log_dir, name) for _, name in sorted(found)]
 
 
+def newest_checkpoint(path):
+    """path itself, or for a log dir the newest checkpoint in it: so a command can name a
+    run (`--checkpoint log_shakespeare`) without knowing at which step it stopped."""
+    if not os.path.isdir(path):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint in {path}/: train first, or give a "
+                              "model_XXXXX.pt")
+    return found[-1]
+
+
 def read_checkpoint(path, device="cpu", mmap=False):
     """torch.load with weights_only=True: tensors and plain data only, so a file cannot
     run code when it is opened. mmap=True maps the tensors instead of reading them, for a

@@ -124,7 +124,8 @@ def build_parser():
          help="sample from --checkpoint and exit")
     flag("--export-hf", metavar="OUT_DIR", help="write --checkpoint as a Hugging Face model")
     flag("--plot", metavar="LOG_DIR", help="draw LOG_DIR/log.txt into LOG_DIR/loss.png")
-    flag("--checkpoint", help="checkpoint for --sample and --export-hf")
+    flag("--checkpoint", help="a model_XXXXX.pt for --sample and --export-hf, or a log dir "
+                              "for its newest")
     flag("--prompt", default="Hello, I'm a language model,", help="text to continue (default: %(default)s)")
     flag("--num-samples", type=int, default=4, help="continuations to sample (default: %(default)s)")
     flag("--max-new-tokens", type=int, default=32, help="tokens per continuation (default: %(default)s)")

@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fineweb
 import hellaswag
-from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, open_log_dir,
-                        read_checkpoint, rng_state, save_checkpoint, set_rng_state, trim_log)
+from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, newest_checkpoint,
+                        open_log_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                        trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
@@ -260,8 +261,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
-        """A model trained by this script, from its model_XXXXX.pt."""
-        ckpt = read_checkpoint(path, device)
+        """A model trained by this script, from its model_XXXXX.pt or a log dir's newest."""
+        ckpt = read_checkpoint(newest_checkpoint(path), device)
         model = cls(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device)
@@ -779,8 +780,7 @@ def main(argv=None):
                           args.max_new_tokens, device, seed=cfg.seed, top_k=args.top_k,
                           temperature=args.temperature)
         else:
-            files = export_hf(model, args.export_hf)
-            print(f"wrote {args.export_hf}/: {', '.join(files)}")
+            print(f"wrote {args.export_hf}/: {', '.join(export_hf(model, args.export_hf))}")
     elif getattr(args, "plot", None):
         save_plot(args.plot, getattr(args, "preset", None))
     elif getattr(args, "resume", None):
