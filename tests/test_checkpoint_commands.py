@@ -1,6 +1,9 @@
-"""What the commands after a run take from its checkpoint: --checkpoint and hellaswag.py's
---checkpoint take a log dir for its newest checkpoint, so a command names a run without
-knowing at which step it stopped."""
+"""What the commands after a run take from its checkpoint. --resume takes the model's shape
+and the training's configuration from it: a resumed run needs none of the flags it was
+started with, a new --max-steps says what it does to the learning rate, and a flag that
+would change the model is refused. --checkpoint and hellaswag.py's --checkpoint take a log
+dir for its newest checkpoint, so a command names a run without knowing at which step it
+stopped."""
 import os
 
 import pytest
@@ -39,3 +42,27 @@ def test_checkpoint_names_a_log_dir(first_run, tmp_path, capsys):
     assert run_cli(train_gpt2.main, ["--sample", "--checkpoint", str(tmp_path / "empty")]) == 1
     assert capsys.readouterr().err == (f"error: no checkpoint in {tmp_path / 'empty'}/: train "
                                        "first, or give a model_XXXXX.pt\n")
+
+
+def test_resume_path_alone_continues_with_the_checkpoints_configuration(first_run, capsys):
+    log_dir, path = first_run
+    capsys.readouterr()
+    # no preset, no shape, no --log-dir: all of it comes from the checkpoint
+    train_gpt2.main(["--resume", path, "--max-steps", "4"])
+    out = capsys.readouterr().out
+    assert f"resuming from {path} at step 2 (preset shakespeare)" in out
+    assert "--max-steps 4 instead of 2: the cosine now ends at step 4, so the learning rate " \
+           "at step 2 is " in out
+    assert "step     3 | loss" in out and "elapsed, ETA 0:00:00" in out and "\ndone in 0:00:" in out
+    ckpt = checkpoint.read_checkpoint(os.path.join(log_dir, "model_00004.pt"))
+    assert ckpt["model_config"]["n_layer"] == 2 and ckpt["config"]["preset"] == "shakespeare"
+    assert ckpt["config"]["max_steps"] == 4 and ckpt["config"]["total_batch_size"] == 128
+
+
+def test_resume_refuses_another_shape(first_run, capsys):
+    _, path = first_run
+    assert run_cli(train_gpt2.main, ["--resume", path, "--n-layer", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{path} was trained with --n-layer 2 (preset shakespeare)" in err
+    assert "drop --n-layer" in err
