@@ -24,7 +24,6 @@ On a CPU shared with other work, torch's threads wait for each other at every op
 of them is descheduled; OMP_NUM_THREADS=1 gives slower but steadier figures.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 import fineweb
 import hellaswag
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, run_cli
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
 from tokenizer import GPT2_VOCAB, get_encoding
 from train_gpt2 import GPT, CausalSelfAttention, DataLoaderLite, GPTConfig, flops_per_token
@@ -669,7 +668,7 @@ def run_cpu(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="command", required=True)
     ladder = sub.add_parser("ladder", help="the lecture's speed-ups, one rung at a time")
     ladder.add_argument("--device", default="auto",

@@ -8,6 +8,7 @@ Only the standard library: every module can import it, fineweb.py's workers incl
 without paying for torch.
 """
 
+import argparse
 import contextlib
 import errno
 import os
@@ -39,6 +40,14 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like a UserError, instead of the whole usage
+    block (subcommands' parsers inherit it)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def os_error_message(e, path):

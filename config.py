@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from checkpoint import list_checkpoints, read_checkpoint
-from common import UserError
+from common import ArgumentParser, UserError
 
 def opt(default, help):
     # a config field and its --flag's help in one place; build_parser() makes the flags
@@ -92,12 +92,6 @@ PRESETS = {
                         eval_every=100, hellaswag_every=0, sample_every=200,
                         checkpoint_every=200, log_dir="log_shakespeare"),
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # one line instead of argparse's whole usage block
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser():

@@ -42,7 +42,8 @@ import time
 
 import numpy as np
 
-from common import DirLock, UserError, atomic_write, hub_offline, hub_unreachable, run_cli
+from common import (ArgumentParser, DirLock, UserError, atomic_write, hub_offline,
+                    hub_unreachable, run_cli)
 from tokenizer import EOT, get_encoding
 
 MAGIC = 20240520   # llm.c's shard magic (dev/data/data_common.py, write_datafile)
@@ -607,8 +608,7 @@ def tokenize_fineweb(out_dir="edu_fineweb10B", *, name="sample-10BT", prefix="ed
 
 
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--input", nargs="+", metavar="FILE",
                         help="tokenize these .txt/.jsonl/.json/.parquet files, not FineWeb-Edu")
     parser.add_argument("--name", default="sample-10BT",

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import hf_model, load_pretrained, newest_checkpoint, read_checkpoint
-from common import UserError, atomic_write, run_cli, unreachable
+from common import ArgumentParser, UserError, atomic_write, run_cli, unreachable
 from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
 
@@ -385,7 +385,7 @@ def load_hf_model(name_or_path, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="HellaSwag accuracy of a language model "
+    p = ArgumentParser(description="HellaSwag accuracy of a language model "
                                             "(completion style, as build-nanogpt)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("-m", "--model", default="gpt2",

@@ -1,0 +1,61 @@
+"""Every entry point answers a user's mistake with one line on stderr and a non-zero exit,
+never a traceback: train_gpt2.py, fineweb.py, hellaswag.py and bench.py, each run as a
+subprocess the way a user runs it, with bad input of each kind it reads."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, ROOT, write_jsonl
+
+# (name, script and arguments, what the line says); {tmp} is the files written below
+CASES = [
+    ("train: bad flag value", ["train_gpt2.py", "--max-steps", "abc"],
+     "invalid int value: 'abc'"),
+    ("train: corrupt shard", ["train_gpt2.py", "--data-dir", "{tmp}/bad_shards", "--device",
+                              "cpu", "--log-dir", "{tmp}/log"], "shorter than the 1024-byte header"),
+    ("train: foreign checkpoint", ["train_gpt2.py", "--sample", "--checkpoint", "{tmp}/foreign.pt"],
+     "is not a checkpoint of train_gpt2.py"),
+    ("fineweb: bad flag value", ["fineweb.py", "--workers", "0"], "--workers must be at least 1"),
+    ("fineweb: missing file", ["fineweb.py", "--input", "{tmp}/nowhere.txt", "--out-dir",
+                               "{tmp}/out"], "no such file"),
+    ("hellaswag: malformed jsonl line", ["hellaswag.py", "--jsonl", "{tmp}/bad.jsonl"],
+     "bad.jsonl:2: not valid JSON"),
+    ("hellaswag: foreign checkpoint", ["hellaswag.py", "--checkpoint", "{tmp}/foreign.pt",
+                                       "--jsonl", "{tmp}/good.jsonl"], "is not a checkpoint"),
+    ("hellaswag: bad flag value", ["hellaswag.py", "--limit", "0"], "must be at least 1"),
+    ("bench: unknown device", ["bench.py", "ladder", "--device", "tpu"], "unknown device 'tpu'"),
+    ("bench: bad choice", ["bench.py", "cpu", "--only", "nosuch"], "invalid choice: 'nosuch'"),
+]
+
+
+def write_inputs(tmp):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp / "foreign.pt")
+    (tmp / "bad_shards").mkdir()
+    for name in ("bad_val_000000.bin", "bad_train_000001.bin"):
+        (tmp / "bad_shards" / name).write_bytes(b"not a shard")
+    good = write_jsonl(tmp / "good.jsonl", EXAMPLES[:2])
+    (tmp / "bad.jsonl").write_text(open(good).readline() + "{not json\n")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    # all cases at once: each is mostly the start of a Python process importing torch
+    tmp = tmp_path_factory.mktemp("errors")
+    write_inputs(tmp)
+    procs = {name: subprocess.Popen([sys.executable] + [a.format(tmp=tmp) for a in args],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+             for name, args, _ in CASES}
+    return {name: (p.communicate(timeout=120), p.returncode) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("name,message", [(name, message) for name, _, message in CASES])
+def test_one_line_no_traceback(results, name, message):
+    (_, err), code = results[name]
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and message in lines[0], err
