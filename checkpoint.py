@@ -65,14 +65,32 @@ def newest_checkpoint(path):
     return found[-1]
 
 
+def check_crc(path, suffix=""):
+    """Reads the records of the zip archive torch.save wrote (those whose name ends with
+    suffix) and checks each against the CRC-32 torch.save stored for it. torch.load does
+    not: a bit flipped on disk or in a copy would load as a silently wrong weight."""
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.filename.endswith(suffix):
+                with archive.open(record) as f:
+                    while f.read(1 << 24):  # raises BadZipFile at the end of a bad record
+                        pass
+
+
 def read_checkpoint(path, device="cpu", mmap=False):
     """torch.load with weights_only=True: tensors and plain data only, so a file cannot
-    run code when it is opened. mmap=True maps the tensors instead of reading them, for a
-    look at the plain data. Raises CheckpointError with a one-line reason."""
+    run code when it is opened. Every byte is checked against the file's CRC-32s first.
+    mmap=True maps the tensors instead of reading them, for a look at the plain data (whose
+    bytes alone are checked). Raises CheckpointError with a one-line reason."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint at all")
+    try:
+        check_crc(path, "/data.pkl" if mmap else "")
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt, damaged on disk or in a copy "
+                              f"({str(e).splitlines()[0][:120]})") from None
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -85,6 +103,24 @@ def read_checkpoint(path, device="cpu", mmap=False):
         raise CheckpointError(f"{path} is not a checkpoint of train_gpt2.py "
                               "(for GPT-2 weights from Hugging Face use GPT.from_pretrained)")
     return ckpt
+
+
+def read_newest_checkpoint(log_dir):
+    """-> (path, checkpoint) of the newest checkpoint in log_dir that reads back intact,
+    saying in one line why each newer one is passed over; None if log_dir holds none."""
+    found = list_checkpoints(log_dir)
+    newest_error = None
+    for path in reversed(found):
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as e:
+            print(f"warning: {e}; trying the checkpoint before it")
+            newest_error = newest_error or e
+            continue
+        return path, ckpt
+    if newest_error:
+        raise CheckpointError(f"no intact checkpoint in {log_dir}/; the newest: {newest_error}")
+    return None
 
 
 def save_checkpoint(ckpt, log_dir, step, keep=0):

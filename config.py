@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from checkpoint import list_checkpoints, read_checkpoint
+from checkpoint import read_checkpoint, read_newest_checkpoint
 from common import ArgumentParser, UserError
 
 def opt(default, help):
@@ -193,14 +193,13 @@ def check_config(cfg, world_size=1):
 def resume_from(cfg, args, get_lr):
     """--resume [PATH]: -> (the configuration to continue with, the checkpoint dict).
     get_lr is the training script's schedule, to say what a new --max-steps does to it."""
-    path = args.resume
-    if path == "latest":
-        found = list_checkpoints(cfg.log_dir)
-        if not found:
-            raise UserError(f"--resume: no checkpoint in {cfg.log_dir}/; start without "
-                            "--resume, or give the checkpoint's path")
-        path = found[-1]
-    ckpt = read_checkpoint(path)
+    if args.resume != "latest":
+        path, ckpt = args.resume, read_checkpoint(args.resume)
+    elif newest := read_newest_checkpoint(cfg.log_dir):
+        path, ckpt = newest
+    else:
+        raise UserError(f"--resume: no checkpoint in {cfg.log_dir}/; start without "
+                        "--resume, or give the checkpoint's path")
     given = given_fields(args)
     if args.resume != "latest" and "log_dir" not in given:
         given["log_dir"] = os.path.dirname(path) or "."  # continue beside the checkpoint

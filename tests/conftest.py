@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -96,3 +97,17 @@ def write_jsonl(path, examples):
         for ex in examples:
             f.write(json.dumps(ex) + "\n")
     return str(path)
+
+
+def flip_a_bit(path):
+    """Flips one bit in the middle of the largest tensor's bytes in a torch.save file, as
+    a failing disk or a bad copy would."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)  # a zip local header: 30 bytes, then name, extra
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(record.header_offset + 30 + name_len + extra_len + record.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))

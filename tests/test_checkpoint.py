@@ -14,7 +14,7 @@ import torch
 import checkpoint
 import train_gpt2
 from common import run_cli
-from conftest import ROOT, TINY, read_log, run
+from conftest import ROOT, TINY, flip_a_bit, read_log, run
 
 N = 6  # checkpoint at step N, runs of 2N steps
 RUN = TINY + ["--max-steps", str(2 * N), "--checkpoint-every", str(N), "--eval-every", "4",
@@ -193,3 +193,35 @@ def test_export_hf_command(reference, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx)[0][..., :512], hf(idx).logits[..., :512],
                                    atol=1e-5, rtol=0)
+
+
+def test_a_flipped_bit_is_caught(reference, tmp_path):
+    _, straight, _ = reference
+    path = str(tmp_path / f"model_{N:05d}.pt")
+    shutil.copy(os.path.join(straight, f"model_{N:05d}.pt"), path)
+    flip_a_bit(path)
+    # torch.load alone reads the damaged weight without a word
+    damaged, good = weights(path), weights(os.path.join(straight, f"model_{N:05d}.pt"))
+    assert not all(torch.equal(damaged[k], good[k]) for k in good)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path} is corrupt"):
+        train_gpt2.GPT.from_checkpoint(path)
+    # a look at the plain data through mmap checks only the plain data's bytes
+    assert checkpoint.read_checkpoint(path, mmap=True)["step"] == N
+    with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint in"):
+        checkpoint.read_newest_checkpoint(str(tmp_path))
+
+
+def test_resume_passes_over_a_corrupt_newest_checkpoint(reference, tmp_path):
+    shards, straight, _ = reference
+    log_dir = str(tmp_path / "flipped")
+    shutil.copytree(straight, log_dir)
+    last = os.path.join(log_dir, f"model_{2 * N:05d}.pt")
+    flip_a_bit(last)
+    out = run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir,
+                                         "--resume"], env=env())
+    assert f"warning: {last} is corrupt" in out.stdout
+    assert f"resuming from {log_dir}/model_{N:05d}.pt at step {N}" in out.stdout
+    # the run trained the lost steps again, and its new last checkpoint replaced the damaged one
+    assert read_log(straight) == read_log(log_dir)
+    wa, wb = weights(os.path.join(straight, f"model_{2 * N:05d}.pt")), weights(last)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

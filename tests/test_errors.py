@@ -7,14 +7,18 @@ import sys
 import pytest
 import torch
 
-from conftest import EXAMPLES, ROOT, write_jsonl
+import checkpoint
+from conftest import EXAMPLES, ROOT, flip_a_bit, write_jsonl
 
 # (name, script and arguments, what the line says); {tmp} is the files written below
 CASES = [
     ("train: bad flag value", ["train_gpt2.py", "--max-steps", "abc"],
      "invalid int value: 'abc'"),
     ("train: corrupt shard", ["train_gpt2.py", "--data-dir", "{tmp}/bad_shards", "--device",
-                              "cpu", "--log-dir", "{tmp}/log"], "shorter than the 1024-byte header"),
+                              "cpu", "--log-dir", "{tmp}/log"],
+     "shorter than the 1024-byte header"),
+    ("train: flipped bit in a checkpoint", ["train_gpt2.py", "--sample", "--checkpoint",
+                                            "{tmp}/model_00001.pt"], "model_00001.pt is corrupt"),
     ("train: foreign checkpoint", ["train_gpt2.py", "--sample", "--checkpoint", "{tmp}/foreign.pt"],
      "is not a checkpoint of train_gpt2.py"),
     ("fineweb: bad flag value", ["fineweb.py", "--workers", "0"], "--workers must be at least 1"),
@@ -32,6 +36,9 @@ CASES = [
 
 def write_inputs(tmp):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp / "foreign.pt")
+    torch.save({"kind": checkpoint.CHECKPOINT_KIND, "model": {"w": torch.randn(1000)}},
+               tmp / "model_00001.pt")
+    flip_a_bit(tmp / "model_00001.pt")
     (tmp / "bad_shards").mkdir()
     for name in ("bad_val_000000.bin", "bad_train_000001.bin"):
         (tmp / "bad_shards" / name).write_bytes(b"not a shard")
