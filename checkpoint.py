@@ -14,10 +14,12 @@ become our GPT (train_gpt2.GPT.from_pretrained).
 This module never imports train_gpt2: a model comes in as an argument.
 """
 
+import errno
 import os
 import pickle
 import random
 import re
+import tempfile
 import zipfile
 
 import numpy as np
@@ -128,9 +130,17 @@ def save_checkpoint(ckpt, log_dir, step, keep=0):
     newest `keep` checkpoints of this run. -> the path."""
     path = checkpoint_path(log_dir, step)
     # a kill at any moment leaves the previous checkpoints whole and no half-written file
-    # under a checkpoint name
-    with atomic_write(path) as f:
-        torch.save(dict(ckpt, kind=CHECKPOINT_KIND, step=step), f)
+    # under a checkpoint name; so does a full disk, whose half-written temp file is removed
+    try:
+        with atomic_write(path) as f:
+            torch.save(dict(ckpt, kind=CHECKPOINT_KIND, step=step), f)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise CheckpointError(os_error_message(e, path)) from None
+        previous = list_checkpoints(log_dir)
+        raise CheckpointError(f"no space left to save {path}; " + (
+            f"the previous checkpoint is intact ({previous[-1]}): free some space, then "
+            "--resume" if previous else "free some space and run again")) from None
     if keep > 0:
         for old in list_checkpoints(log_dir)[:-keep]:
             os.remove(old)
@@ -143,8 +153,12 @@ def open_log_dir(log_dir, resuming):
     if not resuming and list_checkpoints(log_dir):
         raise UserError(f"{log_dir}/ already holds checkpoints of a run: continue it with "
                         "--resume, or choose another --log-dir")
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log-dir {log_dir} is a file, not a directory; choose another "
+                        "--log-dir")
     try:
         os.makedirs(log_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=log_dir).close()  # fail now, not at the first log line
         lock = DirLock(log_dir, "training run")
     except OSError as e:
         raise UserError(f"--log-dir {log_dir}: {os_error_message(e, log_dir)}") from None
@@ -195,8 +209,11 @@ def set_rng_state(state, device_type, rank=0):
 
 
 def log_line(log_path, step, stream, value):
-    with open(log_path, "a") as f:
-        f.write(f"{step} {stream} {value}\n")  # repr: the shortest text that reads back exactly
+    try:
+        with open(log_path, "a") as f:
+            f.write(f"{step} {stream} {value}\n")  # repr: the shortest text that reads back exactly
+    except OSError as e:  # a full disk; a log dir made read-only under a running run
+        raise UserError(os_error_message(e, log_path)) from None
 
 
 def parse_log_line(line):

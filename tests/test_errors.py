@@ -1,6 +1,7 @@
 """Every entry point answers a user's mistake with one line on stderr and a non-zero exit,
 never a traceback: train_gpt2.py, fineweb.py, hellaswag.py and bench.py, each run as a
 subprocess the way a user runs it, with bad input of each kind it reads."""
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import EXAMPLES, ROOT, flip_a_bit, write_jsonl
+import train_gpt2
+from common import UserError, run_cli
+from conftest import EXAMPLES, ROOT, TINY, flip_a_bit, write_jsonl
 
 # (name, script and arguments, what the line says); {tmp} is the files written below
 CASES = [
@@ -66,3 +69,37 @@ def test_one_line_no_traceback(results, name, message):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and message in lines[0], err
+
+# -----------------------------------------------------------------------------
+# Where a training run writes: checked at start-up, before the data and the step-0 eval
+
+
+def test_a_log_dir_that_is_a_file(tmp_path, capsys):
+    log_file = tmp_path / "log"
+    log_file.write_text("my notes")
+    # no data at all: the log dir's error comes first
+    status = run_cli(train_gpt2.main, TINY + ["--data-dir", str(tmp_path / "nowhere"),
+                                              "--log-dir", str(log_file)])
+    assert status == 1
+    assert capsys.readouterr().err == (f"error: --log-dir {log_file} is a file, not a "
+                                       "directory; choose another --log-dir\n")
+    assert log_file.read_text() == "my notes"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+def test_an_unwritable_log_dir(tmp_path, capsys):
+    log_dir = tmp_path / "read-only"
+    log_dir.mkdir()
+    log_dir.chmod(0o500)
+    status = run_cli(train_gpt2.main, TINY + ["--data-dir", str(tmp_path / "nowhere"),
+                                              "--log-dir", str(log_dir)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --log-dir {log_dir}: cannot write") and err.count("\n") == 1
+    assert "permission denied" in err
+
+
+def test_a_log_line_that_cannot_be_written(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        checkpoint.log_line(str(tmp_path / "file" / "log.txt"), 0, "train", 1.0)
