@@ -15,10 +15,12 @@ This module never imports train_gpt2: a model comes in as an argument.
 """
 
 import errno
+import hashlib
 import os
 import pickle
 import random
 import re
+import secrets
 import tempfile
 import zipfile
 
@@ -42,6 +44,10 @@ class CheckpointError(UserError):
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:05d}.pt")  # 5 digits, more past 99,999
+
+
+def checkpoint_step(path):
+    return int(CHECKPOINT_NAME.fullmatch(os.path.basename(path)).group(1))
 
 
 def list_checkpoints(log_dir):
@@ -104,7 +110,28 @@ def read_checkpoint(path, device="cpu", mmap=False):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a checkpoint of train_gpt2.py "
                               "(for GPT-2 weights from Hugging Face use GPT.from_pretrained)")
+    ckpt.setdefault("run_id", directory_run_id(path))
     return ckpt
+
+
+def new_run_id():
+    """A fresh run's id. Its checkpoints carry it, and so do those of every resume of it:
+    a run deletes and trims only what carries its own id."""
+    return secrets.token_hex(8)
+
+
+def directory_run_id(path):
+    # a checkpoint saved before run ids belongs to the run of the directory it lies in
+    return hashlib.sha256(os.path.realpath(os.path.dirname(path) or ".").encode()).hexdigest()[:16]
+
+
+def run_of(path):
+    """The run id of the checkpoint at path, None if it cannot be read (such a file is no
+    run's: never deleted, never counted)."""
+    try:
+        return read_checkpoint(path, mmap=True)["run_id"]
+    except CheckpointError:
+        return None
 
 
 def read_newest_checkpoint(log_dir):
@@ -127,7 +154,8 @@ def read_newest_checkpoint(log_dir):
 
 def save_checkpoint(ckpt, log_dir, step, keep=0):
     """Writes ckpt as log_dir/model_{step}.pt; with keep > 0, then removes all but the
-    newest `keep` checkpoints of this run. -> the path."""
+    newest `keep` checkpoints of this run (ckpt["run_id"]) up to this one: another run's
+    checkpoints in log_dir, and this run's at later steps, stay. -> the path."""
     path = checkpoint_path(log_dir, step)
     # a kill at any moment leaves the previous checkpoints whole and no half-written file
     # under a checkpoint name; so does a full disk, whose half-written temp file is removed
@@ -142,17 +170,18 @@ def save_checkpoint(ckpt, log_dir, step, keep=0):
             f"the previous checkpoint is intact ({previous[-1]}): free some space, then "
             "--resume" if previous else "free some space and run again")) from None
     if keep > 0:
-        for old in list_checkpoints(log_dir)[:-keep]:
+        older = [p for p in list_checkpoints(log_dir)
+                 if checkpoint_step(p) < step and run_of(p) == ckpt["run_id"]]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             os.remove(old)
     return path
 
-def open_log_dir(log_dir, resuming):
-    """Makes log_dir and locks it against a second run (-> the lock), removes the temp
-    files of a save that a kill cut short, and keeps a fresh run from writing into an older
-    run's log.txt: that one is renamed, not deleted."""
-    if not resuming and list_checkpoints(log_dir):
-        raise UserError(f"{log_dir}/ already holds checkpoints of a run: continue it with "
-                        "--resume, or choose another --log-dir")
+def open_log_dir(log_dir, run_id=None):
+    """Makes log_dir and locks it against a second live run (-> the lock), and removes the
+    temp files of a save that a kill cut short. run_id: the run a resume continues, None
+    for a fresh run. A run never mixes its checkpoints with another run's, so that --resume
+    always finds its own, and never writes into another run's log.txt: that one is renamed,
+    not deleted. A log.txt is this run's when a checkpoint of this run lies beside it."""
     if os.path.exists(log_dir) and not os.path.isdir(log_dir):
         raise UserError(f"--log-dir {log_dir} is a file, not a directory; choose another "
                         "--log-dir")
@@ -162,16 +191,28 @@ def open_log_dir(log_dir, resuming):
         lock = DirLock(log_dir, "training run")
     except OSError as e:
         raise UserError(f"--log-dir {log_dir}: {os_error_message(e, log_dir)}") from None
+    try:
+        runs = [run_of(path) for path in list_checkpoints(log_dir)]
+        if run_id is None and runs:
+            raise UserError(f"{log_dir}/ already holds checkpoints of a run: continue it with "
+                            "--resume, or choose another --log-dir")
+        if any(run not in (None, run_id) for run in runs):
+            raise UserError(f"{log_dir}/ holds the checkpoints of another run, which a resume "
+                            "must not mix with its own: resume into another --log-dir")
+    except UserError:
+        lock.release()
+        raise
     for name in os.listdir(log_dir):
         if re.fullmatch(r"\.model_\d+\.pt\.(\d+\.)?tmp", name):
             os.remove(os.path.join(log_dir, name))
     log_path = os.path.join(log_dir, "log.txt")
-    if not resuming and os.path.exists(log_path):
+    if run_id not in runs and os.path.exists(log_path):
         n = 1
         while os.path.exists(kept := os.path.join(log_dir, f"log.{n}.txt")):
             n += 1
         os.replace(log_path, kept)
-        print(f"kept the log.txt already in {log_dir}/ as {kept}")
+        print(f"kept the log.txt already in {log_dir}/ as {kept}"
+              + (" (no checkpoint of this run lies beside it)" if run_id else ""))
     return lock
 
 # -----------------------------------------------------------------------------

@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fineweb
 import hellaswag
-from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, newest_checkpoint,
-                        open_log_dir, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                        trim_log)
+from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, new_run_id,
+                        newest_checkpoint, open_log_dir, read_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
@@ -282,8 +282,7 @@ class GPT(nn.Module):
         # fused AdamW: one kernel for all parameters instead of a loop of small ones
         # (CUDA, and CPUs since torch 2.4)
         fused = device_type in ("cuda", "cpu") if fused is None else fused
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def num_params(model):
@@ -520,6 +519,7 @@ class Run:
     start_step: int = 0
     val_loss: float = None
     start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
+    run_id: str = dataclasses.field(default_factory=new_run_id)  # a resume keeps its run's
 
 
 def train_step(run, step):
@@ -563,7 +563,7 @@ def save_run(run, step, evaluated=True):
             "model_config": dataclasses.asdict(run.raw_model.config),
             "config": dataclasses.asdict(run.cfg), "optimizer": run.optimizer.state_dict(),
             "val_loss": run.val_loss, "train_loader": run.train_loader.state_dict(),
-            "rng": rng, "evaluated": evaluated}
+            "rng": rng, "evaluated": evaluated, "run_id": run.run_id}
     path = save_checkpoint(ckpt, run.cfg.log_dir, step, run.cfg.keep_checkpoints)
     print(f"saved {path}")
     return path
@@ -736,7 +736,7 @@ def start_run(cfg, env, ckpt):
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.load_state_dict(ckpt["train_loader"])
         set_rng_state(ckpt["rng"], env.device_type, env.rank)
-        run.start_step, run.val_loss = ckpt["step"], ckpt["val_loss"]
+        run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
         run.start_evaluated = ckpt.get("evaluated", True)
         if env.master:
             trim_log(run.log_path, run.start_step, keep_evaluations=run.start_evaluated)
@@ -754,7 +754,7 @@ def train(cfg, ckpt=None):
     try:
         check_config(cfg, env.world_size)
         if env.master:
-            lock = open_log_dir(cfg.log_dir, resuming=ckpt is not None)
+            lock = open_log_dir(cfg.log_dir, ckpt["run_id"] if ckpt else None)
         run = start_run(cfg, env, ckpt)
         if run.start_step >= cfg.max_steps and run.start_evaluated:
             env.print0(f"the run is complete: step {run.start_step} of --max-steps "

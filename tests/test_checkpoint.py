@@ -248,3 +248,88 @@ def test_a_full_disk_while_saving_is_one_line(shards, tmp_path, monkeypatch, cap
                                        "some space, then --resume\n")
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]  # no temp file left
     assert checkpoint.read_checkpoint(previous)["step"] == 2
+
+
+def resume_args(shards, log_dir, *more):
+    return ["--resume", *more, "--log-dir", str(log_dir), "--data-dir", shards]
+
+
+def test_checkpoints_past_step_99999(reference, tmp_path, capsys):
+    # the reproduction: model_100000.pt sorts before model_99998.pt by name
+    shards, straight, _ = reference
+    log_dir = tmp_path / "long"
+    log_dir.mkdir()
+    ckpt = torch.load(os.path.join(straight, f"model_{N:05d}.pt"), weights_only=True)
+    torch.save(dict(ckpt, step=99998), log_dir / "model_99998.pt")
+    # the checkpoint's evaluation, then a line a killed run logged after it
+    (log_dir / "log.txt").write_text("99997 train 4.5\n99998 val 4.25\n99998 train 4.0\n")
+    more = ["--max-steps", "100003", "--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    assert run_cli(train_gpt2.main, resume_args(shards, log_dir, *more)) == 0
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_100002.pt", "model_100003.pt"]
+    log = [(step, stream) for step, stream, _ in read_log(log_dir)]
+    assert log == ([(99997, "train"), (99998, "val")] +
+                   [(s, "train") for s in range(99998, 100000)] + [(100000, "val")] +
+                   [(s, "train") for s in range(100000, 100003)] + [(100003, "val")])
+    # and --resume finds the newest one: the run is complete
+    capsys.readouterr()
+    assert run_cli(train_gpt2.main, resume_args(shards, log_dir, *more)) == 0
+    assert "the run is complete: step 100003" in capsys.readouterr().out
+    assert [(s, k) for s, k, _ in read_log(log_dir)] == log
+
+
+def test_a_resume_never_touches_another_runs_files(reference, tmp_path, capsys):
+    shards, straight, _ = reference
+    # another run's log dir: its checkpoint, its log
+    other = tmp_path / "other"
+    other.mkdir()
+    ckpt = torch.load(os.path.join(straight, f"model_{N:05d}.pt"), weights_only=True)
+    torch.save(dict(ckpt, run_id="another run"), other / f"model_{2 * N:05d}.pt")
+    (other / "log.txt").write_text("0 val 6.5\n0 train 6.25\n")
+    before = {name: (other / name).read_bytes() for name in os.listdir(other)}
+    ours = os.path.join(straight, f"model_{N:05d}.pt")
+    assert run_cli(train_gpt2.main, ["--resume", ours, "--log-dir", str(other)]) == 1
+    assert capsys.readouterr().err == (f"error: {other}/ holds the checkpoints of another run, "
+                                       "which a resume must not mix with its own: resume into "
+                                       "another --log-dir\n")
+    assert {name: (other / name).read_bytes() for name in os.listdir(other)} == before
+    # a log.txt with no checkpoint of this run beside it is another run's too: kept
+    (other / f"model_{2 * N:05d}.pt").unlink()
+    assert run_cli(train_gpt2.main, ["--resume", ours, "--log-dir", str(other),
+                                     "--data-dir", shards]) == 0
+    assert (f"kept the log.txt already in {other}/ as {other}/log.1.txt (no checkpoint of this "
+            "run lies beside it)") in capsys.readouterr().out
+    assert (other / "log.1.txt").read_bytes() == before["log.txt"]
+    # the new log.txt starts at the checkpoint (in-process: not bitwise, the thread count
+    # differs from the reference run's)
+    assert [(s, k) for s, k, _ in read_log(str(other))] == [
+        (s, k) for s, k, _ in read_log(straight) if s > N or (s == N and k == "train")]
+
+
+def test_keep_checkpoints_counts_only_its_own_run(tmp_path):
+    log_dir = str(tmp_path)
+    state = {"model": {"w": torch.zeros(3)}, "config": {}}
+    checkpoint.save_checkpoint(dict(state, run_id="theirs"), log_dir, 1)
+    for step in (2, 3, 4):
+        checkpoint.save_checkpoint(dict(state, run_id="ours"), log_dir, step, keep=2)
+    assert sorted(os.listdir(log_dir)) == ["model_00001.pt", "model_00003.pt", "model_00004.pt"]
+    # a checkpoint of this run at a later step (a resume of an older one) is not counted
+    checkpoint.save_checkpoint(dict(state, run_id="ours"), log_dir, 2, keep=1)
+    assert sorted(os.listdir(log_dir)) == ["model_00001.pt", "model_00002.pt", "model_00003.pt",
+                                           "model_00004.pt"]
+
+
+def test_a_checkpoint_without_run_id_is_its_directorys_run(reference, tmp_path):
+    # checkpoints saved before run ids: a resume in their directory adopts them
+    shards, straight, _ = reference
+    log_dir = tmp_path / "old"
+    shutil.copytree(straight, log_dir)
+    for name in (f"model_{N:05d}.pt", f"model_{2 * N:05d}.pt"):
+        ckpt = torch.load(log_dir / name, weights_only=True)
+        del ckpt["run_id"]
+        torch.save(ckpt, log_dir / name)
+    assert run_cli(train_gpt2.main, resume_args(shards, log_dir, "--max-steps", str(3 * N),
+                                                "--keep-checkpoints", "2")) == 0
+    assert sorted(os.listdir(log_dir)) == ["log.txt", f"model_{2 * N:05d}.pt",
+                                           f"model_{3 * N:05d}.pt"]
+    new = checkpoint.read_checkpoint(str(log_dir / f"model_{3 * N:05d}.pt"))
+    assert new["run_id"] == checkpoint.directory_run_id(str(log_dir / "model_00001.pt"))
