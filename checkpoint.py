@@ -287,20 +287,32 @@ def read_log(path):
 
 
 def trim_log(log_path, step, keep_evaluations=True):
-    # a resumed run repeats what came after its checkpoint: drop those lines, so the log
-    # reads as one run (evaluations at the checkpoint's step ran before it was saved,
-    # unless an interrupt saved it)
+    """A resumed run repeats what came after its checkpoint: drop those lines, so the log
+    reads as one run (evaluations at the checkpoint's step ran before it was saved, unless
+    an interrupt saved it). A malformed line stays where it is among the lines kept; after
+    them it goes with the rest, as does a last line cut short by a kill. One warning counts
+    them."""
     if not os.path.exists(log_path):
         return
     with open(log_path) as f:
         lines = f.readlines()
-    keep = []
+    keep, past_checkpoint, kept_bad, dropped_bad = [], False, 0, 0
     for line in lines:
         entry = parse_log_line(line)
-        if entry and (entry[0] > step or (entry[0] == step and (entry[1] == "train"
-                                                                 or not keep_evaluations))):
-            continue
-        keep.append(line)
+        if entry is None:
+            if past_checkpoint or not line.endswith("\n"):
+                dropped_bad += line.strip() != ""
+            else:
+                kept_bad += line.strip() != ""
+                keep.append(line)
+        elif entry[0] > step or (entry[0] == step and (entry[1] == "train"
+                                                        or not keep_evaluations)):
+            past_checkpoint = True
+        else:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if kept_bad or dropped_bad:
+        print(f"warning: {log_path}: {kept_bad + dropped_bad} malformed line(s): kept "
+              f"{kept_bad} among the lines up to step {step}, dropped {dropped_bad} after them")
     with atomic_write(log_path, "w") as f:
         f.writelines(keep)
 

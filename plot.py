@@ -23,15 +23,17 @@ REFERENCE = {
 REFERENCE["gpt3-small"] = REFERENCE["gpt2"]  # the same 124M shape
 
 
-def plot_log(log_dir, preset=None):
+def plot_log(log_dir, preset=None, streams=None):
     """The loss and HellaSwag curves of log_dir/log.txt, with GPT-2's and GPT-3's figures
     as reference lines (the plot play.ipynb draws). preset picks the reference figures;
-    None reads it from the newest checkpoint. Returns the matplotlib figure."""
+    None reads it from the newest checkpoint. streams: the log as read_log returned it, if
+    the caller has read it already. Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
     if preset is None:
         found = list_checkpoints(log_dir)
         preset = read_checkpoint(found[-1], mmap=True)["config"]["preset"] if found else "gpt2"
-    streams = read_log(os.path.join(log_dir, "log.txt"))
+    if streams is None:
+        streams = read_log(os.path.join(log_dir, "log.txt"))
     ref = REFERENCE.get(preset, {})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     for name, style in (("train", {"alpha": 0.6}), ("val", {"marker": "."})):

@@ -333,3 +333,22 @@ def test_a_checkpoint_without_run_id_is_its_directorys_run(reference, tmp_path):
                                            f"model_{3 * N:05d}.pt"]
     new = checkpoint.read_checkpoint(str(log_dir / f"model_{3 * N:05d}.pt"))
     assert new["run_id"] == checkpoint.directory_run_id(str(log_dir / "model_00001.pt"))
+
+
+def test_resume_with_malformed_log_lines(reference, tmp_path, capsys):
+    shards, straight, _ = reference
+    log_dir = tmp_path / "edited"
+    shutil.copytree(straight, log_dir)
+    (log_dir / f"model_{2 * N:05d}.pt").unlink()
+    # a note a user added at the top, and the last line of a run killed while writing it
+    original = (log_dir / "log.txt").read_text()
+    (log_dir / "log.txt").write_text("# lr 3e-3, first try\n" + original + f"{N + 3} tra")
+    assert run_cli(train_gpt2.main, resume_args(shards, log_dir)) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1
+    assert (f"warning: {log_dir}/log.txt: 2 malformed line(s): kept 1 among the lines up to "
+            f"step {N}, dropped 1 after them") in out
+    text = (log_dir / "log.txt").read_text()
+    assert text.startswith("# lr 3e-3, first try\n") and f"{N + 3} tra\n" not in text
+    entries = [checkpoint.parse_log_line(line) for line in text.splitlines()[1:]]
+    assert [e[:2] for e in entries] == [(s, k) for s, k, _ in read_log(straight)]

@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import train_gpt2
+from common import run_cli
 from conftest import ROOT, run
 
 NOTEBOOK = os.path.join(ROOT, "play.ipynb")
@@ -75,14 +77,17 @@ def test_notebook_on_a_run(run_dir, monkeypatch):
 
 
 def test_notebook_without_checkpoint(tmp_path, monkeypatch):
-    # a log with HellaSwag lines and no checkpoint beside it: the model cells skip, the
-    # rest runs
+    # a log with HellaSwag lines, a malformed line and no checkpoint beside it: the model
+    # cells skip, the rest runs
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     (log_dir / "log.txt").write_text("0 val 10.9\n0 hella 0.25\n0 train 10.95\n1 train 9.5\n"
-                                     "2 val 9.1\n2 hella 0.3\n2 train 8.75\n")
+                                     "2 val 9.1\n2 hella 0.3\nnot a log line\n2 train 8.75\n")
     nb = execute(str(log_dir), monkeypatch)
     text = printed(nb)
+    # the malformed line: skipped, with one warning for the cell that reads and plots the log
+    assert text.count("warning:") == 1
+    assert f"warning: {log_dir}/log.txt: skipped 1 malformed line(s)" in text
     assert f"no checkpoint in {log_dir}/" in text
     assert "min train loss: 8.7500 at step 2" in text
     assert "min val loss: 9.1000 at step 2" in text
@@ -105,3 +110,12 @@ def test_plot_command_without_log(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == f"error: --plot: no log.txt in {tmp_path}/; give the --log-dir of a run"
     assert not os.path.exists(tmp_path / "loss.png")
+
+
+def test_plot_command_skips_malformed_lines(tmp_path, capsys):
+    (tmp_path / "log.txt").write_text("0 val 10.9\n0 train 10.95\n1 train 9.5\n1 trai")
+    assert run_cli(train_gpt2.main, ["--plot", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1
+    assert f"warning: {tmp_path}/log.txt: skipped 1 malformed line(s)" in out
+    assert os.path.getsize(tmp_path / "loss.png") > 1000
