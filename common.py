@@ -178,8 +178,9 @@ class StopRequest:
         if self.signum:
             raise KeyboardInterrupt  # the second signal
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-              "(once more to stop at once)", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # torchrun signals every rank
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a "
+                  "checkpoint (once more to stop at once)", file=sys.stderr, flush=True)
 
 
 class Interrupted(UserError):

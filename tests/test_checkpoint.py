@@ -352,3 +352,67 @@ def test_resume_with_malformed_log_lines(reference, tmp_path, capsys):
     assert text.startswith("# lr 3e-3, first try\n") and f"{N + 3} tra\n" not in text
     entries = [checkpoint.parse_log_line(line) for line in text.splitlines()[1:]]
     assert [e[:2] for e in entries] == [(s, k) for s, k, _ in read_log(straight)]
+
+
+def wait_for_line(proc, log_path, line):
+    while proc.poll() is None:
+        if os.path.exists(log_path) and f"\n{line}" in open(log_path).read():
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"the run ended before logging {line!r}: {proc.communicate()}")
+
+
+def test_ctrl_c_saves_and_resume_is_bitwise_identical(reference, tmp_path):
+    shards, straight, _ = reference
+    log_dir = str(tmp_path / "interrupted")
+    args = ["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir]
+    proc = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_line(proc, os.path.join(log_dir, "log.txt"), "2 train")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "SIGINT: stopping after this step with a checkpoint" in err
+    stopped = int(err.split("interrupted at step ")[1].split(":")[0])
+    path = os.path.join(log_dir, f"model_{stopped:05d}.pt")
+    assert err.strip().endswith(f"interrupted at step {stopped}: saved {path}; continue with "
+                                "--resume")
+    assert 3 <= stopped < 2 * N and checkpoint.read_checkpoint(path)["step"] == stopped
+    # what a kill in the middle of a save leaves: its temp file, removed at the next start
+    # (a file of the user's that merely looks alike stays)
+    for name in (f".model_{stopped + 1:05d}.pt.12345.tmp", ".model_notes.tmp"):
+        open(os.path.join(log_dir, name), "w").close()
+    out = run(args + ["--resume"], env=env())
+    assert f"resuming from {path} at step {stopped}" in out.stdout
+    assert sorted(n for n in os.listdir(log_dir) if n.startswith(".")) == [".model_notes.tmp"]
+    assert read_log(straight) == read_log(log_dir)
+    last = f"model_{2 * N:05d}.pt"
+    wa, wb = weights(os.path.join(straight, last)), weights(os.path.join(log_dir, last))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_second_ctrl_c_stops_at_once(shards, tmp_path, monkeypatch, capsys):
+    # the first Ctrl-C after the train line of step 3, the second while its checkpoint is
+    # being written
+    real_log_step, real_save = train_gpt2.log_step, torch.save
+
+    def log_step(run, step, *args):
+        real_log_step(run, step, *args)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def save(obj, f):
+        if not obj["evaluated"]:  # the interrupt's checkpoint
+            f.write(b"the first bytes of a checkpoint")
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, f)
+    monkeypatch.setattr(train_gpt2, "log_step", log_step)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    log_dir = str(tmp_path / "twice")
+    status = run_cli(train_gpt2.main, TINY + ["--max-steps", "8", "--checkpoint-every", "2",
+                                              "--data-dir", shards, "--log-dir", log_dir])
+    assert status == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+    # the checkpoint under way is gone, temp file and all; the one before is whole
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]
+    assert checkpoint.read_checkpoint(os.path.join(log_dir, "model_00002.pt"))["step"] == 2

@@ -1,9 +1,12 @@
 """DDP through torchrun on the CPU (gloo): two ranks with one micro step each train
-exactly like one process with two micro steps, on one node and on two."""
+exactly like one process with two micro steps, on one node and on two; Ctrl-C and SIGTERM
+save a checkpoint that resumes bit for bit."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,11 +23,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(extra, args, timeout=240):
+def torchrun(extra, args, new_session=False):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run"] + extra +
                             ["train_gpt2.py"] + args, cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=new_session)
 
 
 def final_weights(log_dir):
@@ -102,3 +106,56 @@ def test_hellaswag_is_split_across_ranks(single_run):
     one = [v for _, k, v in read_log(str(tmp / "hella1")) if k == "hella"]
     two = [v for _, k, v in read_log(str(tmp / "hella2")) if k == "hella"]
     assert len(one) == 2 and one == two
+
+
+# 8 micro steps per rank: steps long enough that a signal lands well before the end
+LONG = TINY + ["--max-steps", "12", "--eval-every", "4", "--checkpoint-every", "6",
+               "--keep-checkpoints", "0", "--total-batch-size", "2048"]
+
+
+def wait_for_line(proc, log_path, line):
+    while proc.poll() is None:
+        if os.path.exists(log_path) and f"\n{line}" in open(log_path).read():
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"the run ended before logging {line!r}:\n{proc.communicate()[0]}")
+
+
+def interrupted_at(proc, log_dir, sig):
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    assert out.count(f"{sig.name}: stopping after this step") == 1, out  # rank 0 alone
+    line = next(ln for ln in out.splitlines() if ln.startswith("interrupted at step "))
+    step = int(line.split()[3].rstrip(":"))
+    assert line == (f"interrupted at step {step}: saved {log_dir}/model_{step:05d}.pt; "
+                    "continue with --resume")
+    return step
+
+
+def test_interrupts_under_torchrun_then_resume_is_bitwise_identical(single_run):
+    shards, _, tmp = single_run
+    straight, log_dir = str(tmp / "straight2"), str(tmp / "interrupted2")
+    ranks = ["--standalone", "--nproc_per_node=2"]
+    # the uninterrupted run alongside the interrupted ones
+    reference = torchrun(ranks, LONG + ["--data-dir", shards, "--log-dir", straight])
+    # Ctrl-C in a terminal: SIGINT to the foreground process group. The workers run in
+    # sessions of their own, so torchrun alone gets it, and passes it on to each of them.
+    args = LONG + ["--data-dir", shards, "--log-dir", log_dir]
+    p = torchrun(ranks, args, new_session=True)
+    wait_for_line(p, os.path.join(log_dir, "log.txt"), "2 train")
+    os.killpg(p.pid, signal.SIGINT)
+    first = interrupted_at(p, log_dir, signal.SIGINT)
+    # SIGTERM to torchrun alone, as a scheduler preempting the job sends it
+    p = torchrun(ranks, args + ["--resume"])
+    wait_for_line(p, os.path.join(log_dir, "log.txt"), f"{first + 2} train")
+    p.send_signal(signal.SIGTERM)
+    second = interrupted_at(p, log_dir, signal.SIGTERM)
+    assert 3 <= first < second < 12
+    p = torchrun(ranks, args + ["--resume"])
+    for p in (p, reference):
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    assert read_log(straight) == read_log(log_dir)
+    a = torch.load(os.path.join(straight, "model_00012.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(log_dir, "model_00012.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
