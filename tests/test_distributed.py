@@ -159,3 +159,18 @@ def test_interrupts_under_torchrun_then_resume_is_bitwise_identical(single_run):
     a = torch.load(os.path.join(straight, "model_00012.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(log_dir, "model_00012.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_user_error_under_torchrun_is_printed_once(single_run):
+    shards, _, tmp = single_run
+    p = torchrun(["--standalone", "--nproc_per_node=2"],
+                 TINY + ["--total-batch-size", "1000", "--data-dir", shards,
+                         "--log-dir", str(tmp / "bad")])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 1
+    # rank 0's line, once; then torchrun's own report of the ranks' exit codes, which no
+    # exit status but 0 avoids
+    assert out.count("error: --total-batch-size 1000 is not divisible by B*T*world_size "
+                     "= 4*32*2 = 256") == 1, out
+    assert "train_gpt2.py\", line" not in out, out  # no traceback from the script itself
+    assert "ChildFailedError" in out
