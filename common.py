@@ -31,14 +31,16 @@ class UserError(Exception):
 def run_cli(main, argv=None):
     """main(argv) for an entry point: -> its exit status. A UserError becomes one line on
     stderr; under torchrun only rank 0 prints it, as every rank meets the same error."""
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         return main(argv) or 0
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if rank0:
             print(f"{e.prefix}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        print("interrupted", file=sys.stderr)
+        if rank0:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

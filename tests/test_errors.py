@@ -191,3 +191,13 @@ def test_export_and_plot_into_places_that_cannot_be_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: --plot: cannot write {tmp_path}/loss.png")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("rank,printed", [("0", "interrupted\n"), ("1", "")])
+def test_a_second_ctrl_c_under_torchrun_is_reported_once(monkeypatch, capsys, rank, printed):
+    # a second Ctrl-C makes torchrun send SIGTERM to every rank: each stops at once
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setenv("RANK", rank)
+    assert run_cli(interrupted) == 130
+    assert capsys.readouterr().err == printed
