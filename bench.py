@@ -692,7 +692,8 @@ def build_parser():
                         help="run the torch.compile rung off CUDA too (minutes on a CPU)")
     ladder.add_argument("--json", metavar="OUT", help="also write the table to this file")
     prof = sub.add_parser("profile", help="where a training step's time goes, by kernel group")
-    prof.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    prof.add_argument("--device", default="auto",
+                      help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     for field, what in meaning.items():
         prof.add_argument("--" + field.replace("_", "-"), type=int, help=(
             f"{what}; default GPT-2 (124M) at B=64 on CUDA, {getattr(CPU_SHAPE, field)} "
