@@ -466,6 +466,21 @@ def _remove_temp_files(out_dir, prefix):
             os.remove(os.path.join(out_dir, name))
 
 
+def _tidy_finished(out_dir, prefix):
+    """The temp files of a run killed after its last shard (while it rewrote the manifest),
+    removed when no run holds the lock; a read-only or busy out_dir is left as it is."""
+    try:
+        lock = DirLock(out_dir, "fineweb.py run")
+    except (UserError, OSError):
+        return
+    try:
+        _remove_temp_files(out_dir, prefix)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
 def _start_over(out_dir, prefix, key, old_state, overwrite):
     """A state for a run from the first document. The prefix's shards already in out_dir
     are made by another run: they are removed only when `overwrite`, never silently."""
@@ -558,6 +573,7 @@ def build_shards(sources, key, out_dir, prefix, shard_size, workers, overwrite=F
     # run asks) never get in each other's way.
     paths = _up_to_date(out_dir, prefix, key)
     if paths is not None:
+        _tidy_finished(out_dir, prefix)
         return paths
     lock = DirLock(out_dir, "fineweb.py run")  # two writers would mix their shards
     try:

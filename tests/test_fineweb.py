@@ -340,6 +340,12 @@ def test_second_call_changes_nothing(tmp_path, hf_cache, monkeypatch, capsys):
     assert file_ids(first + [out / "c_manifest.json"]) == before
     assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in first] +
                                              ["c_manifest.json"])
+    # a run killed while it rewrote the finished manifest left its temp file: the next
+    # call finds the shards up to date and removes that file, touching nothing else
+    (out / ".c_manifest.json.99999.tmp").write_text("{")
+    assert fineweb.tokenize_local([data], out, prefix="c", shard_size=4000) == first
+    assert not (out / ".c_manifest.json.99999.tmp").exists()
+    assert file_ids(first + [out / "c_manifest.json"]) == before
 
 
 def test_shards_of_another_input_are_kept_unless_overwrite(tmp_path, hf_cache):
