@@ -1,0 +1,135 @@
+"""steps/: the patch series that `git am` turns into the lecture's commit history. It
+applies to an empty repository; every step's Python compiles; every step's commands (the
+`Run:` lines of its message) run on a CPU; and the last step's files are the repository's.
+
+The commands run as written, offline (tests/steps_runner.py stands in for the downloads),
+except that the repository's own steps train at a smaller size: the same code, with
+SMALLER appended to their training commands."""
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import EXAMPLES, ROOT
+
+STEPS = os.path.join(ROOT, "steps")
+REFRESH = "steps/refresh"
+# for `train_gpt2.py --preset shakespeare` in the steps after the lecture's: a GPT of 2
+# layers, 32 wide, on batches of 2 x 32 tokens and a val loss over 256, instead of 4
+# layers, 128 wide, 4 x 128 and 8192: the same code, a tenth of the time
+SMALLER = ["--n-layer", "2", "--n-embd", "32", "--batch-size", "2", "--seq-len", "32",
+           "--total-batch-size", "64", "--val-tokens", "256"]
+# a git that needs no identity of the machine's and reads no configuration of the user's
+GIT_ENV = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid")
+
+
+def git(repo, *args, **kwargs):
+    return subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True,
+                          env=GIT_ENV, **kwargs).stdout
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """The series applied with `git am` to a new repository -> (its path, [(commit,
+    message)] oldest first)."""
+    repo = str(tmp_path_factory.mktemp("lecture"))
+    git(repo, "init", "-q")
+    patches = sorted(name for name in os.listdir(STEPS) if name.endswith(".patch"))
+    git(repo, "am", "-q", *[os.path.join(STEPS, name) for name in patches])
+    commits = git(repo, "rev-list", "--reverse", "HEAD", text=True).split()
+    assert len(commits) == len(patches)
+    return repo, [(c, git(repo, "log", "-1", "--format=%B", c, text=True)) for c in commits]
+
+
+def test_last_step_is_the_repository(series):
+    repo, commits = series
+    wanted = subprocess.run([os.path.join(ROOT, REFRESH), "--files"], check=True,
+                            capture_output=True, text=True).stdout.split()
+    tracked = git(repo, "ls-tree", "--name-only", "HEAD", text=True).split()
+    differ = sorted(set(wanted) ^ set(tracked))
+    differ += [name for name in wanted if name in tracked
+               and git(repo, "show", f"HEAD:{name}") != pathlib.Path(ROOT, name).read_bytes()]
+    if differ:
+        pytest.fail(f"steps/ is out of date: its last step is not the repository's code "
+                    f"({', '.join(differ)}); run {REFRESH}", pytrace=False)
+
+
+def test_every_step_compiles(series):
+    repo, commits = series
+    seen = set()
+    for n, (commit, message) in enumerate(commits, start=1):
+        listing = git(repo, "ls-tree", "-r", commit, text=True).splitlines()
+        for line in listing:
+            meta, name = line.split("\t")
+            blob = meta.split()[2]
+            if blob in seen or not name.endswith((".py", ".ipynb")):
+                continue
+            seen.add(blob)
+            source = git(repo, "cat-file", "blob", blob, text=True)
+            where = f"step {n} ({message.splitlines()[0]}): {name}"
+            if name.endswith(".ipynb"):
+                cells = [c for c in json.loads(source)["cells"] if c["cell_type"] == "code"]
+                # IPython's magics (%matplotlib) are not Python
+                source = "\n".join(line for c in cells for line in "".join(c["source"]).split("\n")
+                                   if not line.startswith("%"))
+            compile(source, where, "exec")
+
+
+def commands(message):
+    """The `Run:` lines of a step's message, as argv lists."""
+    return [shlex.split(line[len("Run:"):]) for line in message.splitlines()
+            if line.startswith("Run:")]
+
+
+def test_every_step_runs(series, tmp_path):
+    repo, commits = series
+    steps = []  # (commit, [(name, argv)]) of the steps that have commands
+    for n, (commit, message) in enumerate(commits, start=1):
+        runs = []
+        for argv in commands(message):
+            if "--preset" in argv and "--resume" not in argv:
+                argv += SMALLER
+            runs.append((f"step {n} ({message.splitlines()[0]}): {shlex.join(argv)}", argv))
+        if runs:
+            steps.append((commit, runs))
+    assert sum(len(runs) for _, runs in steps) >= 40, "the steps' messages lost their Run: lines"
+    # two runners, one thread each, on every other step: the machine's two cores busy
+    hellaswag = "".join(json.dumps(example) + "\n" for example in EXAMPLES)
+    runners, names = [], []
+    for i in range(2):
+        work = tmp_path / f"runner{i}"
+        work.mkdir()
+        git(str(work), "clone", "-q", "--shared", repo, "lecture")
+        mine = steps[i::2]
+        names.append([name for _, runs in mine for name, _ in runs])
+        spec = {"repo": str(work / "lecture"), "work": str(work),
+                "files": {"hellaswag/hellaswag_val.jsonl": hellaswag},
+                "jobs": [{"commit": commit, "argv": argv, "timeout": 120}
+                         for commit, runs in mine for _, argv in runs]}
+        with open(work / "jobs.json", "w") as f:
+            json.dump(spec, f)
+        runners.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "steps_runner.py"),
+             str(work / "jobs.json")], env=dict(GIT_ENV, OMP_NUM_THREADS="1")))
+    for runner in runners:
+        assert runner.wait(timeout=600) == 0, "tests/steps_runner.py failed"
+    failed = []
+    for i in range(2):
+        with open(tmp_path / f"runner{i}" / "results.json") as f:
+            results = json.load(f)
+        for name, result in zip(names[i], results):
+            with open(result["log"], errors="replace") as f:
+                output = f.read()
+            losses = [float(line.split("| loss ")[1].split()[0])
+                      for line in output.splitlines() if "| loss " in line]
+            if result["status"] != 0:
+                failed.append(f"{name}: exit status {result['status']}\n{output[-3000:]}")
+            elif len(losses) >= 2 and not losses[-1] < losses[0]:
+                failed.append(f"{name}: the training loss did not fall: {losses}")
+    assert not failed, "\n\n".join(failed)
