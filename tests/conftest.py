@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -49,6 +50,15 @@ def run(args, timeout=300, cwd=None, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def wait_for_line(proc, log_path, line):
+    """Waits until the running proc has written `line` as a line of log_path."""
+    while proc.poll() is None:
+        if os.path.exists(log_path) and f"\n{line}" in open(log_path).read():
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"the run ended before logging {line!r}:\n{proc.communicate()[0]}")
 
 
 def read_log(log_dir):

@@ -15,7 +15,7 @@ import torch
 import checkpoint
 import train_gpt2
 from common import run_cli
-from conftest import ROOT, TINY, flip_a_bit, read_log, run
+from conftest import ROOT, TINY, flip_a_bit, read_log, run, wait_for_line
 
 N = 6  # checkpoint at step N, runs of 2N steps
 RUN = TINY + ["--max-steps", str(2 * N), "--checkpoint-every", str(N), "--eval-every", "4",
@@ -352,14 +352,6 @@ def test_resume_with_malformed_log_lines(reference, tmp_path, capsys):
     assert text.startswith("# lr 3e-3, first try\n") and f"{N + 3} tra\n" not in text
     entries = [checkpoint.parse_log_line(line) for line in text.splitlines()[1:]]
     assert [e[:2] for e in entries] == [(s, k) for s, k, _ in read_log(straight)]
-
-
-def wait_for_line(proc, log_path, line):
-    while proc.poll() is None:
-        if os.path.exists(log_path) and f"\n{line}" in open(log_path).read():
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"the run ended before logging {line!r}: {proc.communicate()}")
 
 
 def test_ctrl_c_saves_and_resume_is_bitwise_identical(reference, tmp_path):

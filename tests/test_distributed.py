@@ -6,12 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import EXAMPLES, ROOT, TINY, read_log, run, write_jsonl
+from conftest import EXAMPLES, ROOT, TINY, read_log, run, wait_for_line, write_jsonl
 
 STEPS = ["--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3",
          "--batch-size", "4", "--total-batch-size", "256"]  # B*T = 128: 2 micro steps
@@ -111,14 +110,6 @@ def test_hellaswag_is_split_across_ranks(single_run):
 # 8 micro steps per rank: steps long enough that a signal lands well before the end
 LONG = TINY + ["--max-steps", "12", "--eval-every", "4", "--checkpoint-every", "6",
                "--keep-checkpoints", "0", "--total-batch-size", "2048"]
-
-
-def wait_for_line(proc, log_path, line):
-    while proc.poll() is None:
-        if os.path.exists(log_path) and f"\n{line}" in open(log_path).read():
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"the run ended before logging {line!r}:\n{proc.communicate()[0]}")
 
 
 def interrupted_at(proc, log_dir, sig):
