@@ -121,15 +121,19 @@ def test_loader_measurement_sees_the_memory_it_compares(tmp_path):
 
 
 def test_ladder_from_a_rung_turns_the_earlier_ones_on_untimed(tmp_path):
+    # from the last rung, which a CPU skips: every rung before it is on and none is timed
     out = tmp_path / "ladder.json"
     run(["bench.py", "ladder", "--device", "cpu", "--n-layer", "1", "--n-head", "2",
          "--n-embd", "32", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
-         "--warmup", "0", "--from", "fused AdamW", "--json", str(out)], timeout=30)
+         "--warmup", "0", "--from", "coordinate descent", "--json", str(out)], timeout=30)
     rows = {row["rung"]: row for row in json.loads(out.read_text())["rungs"]}
     assert rows["flash attention"]["skipped"] == "on, not timed (--from)"
+    assert rows["huge pages"]["skipped"] == "on, not timed (--from)"
     assert rows["TF32"]["skipped"] == "CUDA only"  # still skipped for its own reason
-    assert not rows["fused AdamW"]["skipped"] and rows["fused AdamW"]["ms_per_step"] > 0
     assert rows["coordinate descent"]["skipped"] == "CUDA only"
+    assert not any("ms_per_step" in row for row in rows.values())
+    bad = run(["bench.py", "ladder", "--device", "cpu", "--from", "fp64"], check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --from 'fp64': no such rung")
 
 
 def test_kernel_groups_of_real_kernel_names():

@@ -41,7 +41,7 @@ def reference(tmp_path_factory):
     return shards, log_dir, tmp
 
 
-@pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.parametrize("attempt", range(2))  # two random moments; tests of Ctrl-C add more
 def test_sigkill_then_resume_is_bitwise_identical(reference, attempt):
     shards, straight, tmp = reference
     log_dir = str(tmp / f"killed{attempt}")

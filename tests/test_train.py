@@ -80,14 +80,14 @@ def test_shakespeare_preset_end_to_end(tmp_path):
     # the README's first command, shortened: tokenize input.txt, train, evaluate, sample,
     # log and checkpoint, on the same code path as GPT-2
     log_dir = str(tmp_path / "log")
-    out = run(["train_gpt2.py", "--preset", "shakespeare", "--max-steps", "20",
-               "--eval-every", "10", "--sample-every", "20", "--log-dir", log_dir])
+    out = run(["train_gpt2.py", "--preset", "shakespeare", "--max-steps", "12",
+               "--eval-every", "6", "--sample-every", "12", "--log-dir", log_dir])
     log = read_log(log_dir)
-    assert [s for s, stream, _ in log if stream == "train"] == list(range(20))
+    assert [s for s, stream, _ in log if stream == "train"] == list(range(12))
     val = [v for _, stream, v in log if stream == "val"]
-    assert [s for s, stream, _ in log if stream == "val"] == [0, 10, 20]
+    assert [s for s, stream, _ in log if stream == "val"] == [0, 6, 12]
     assert val[-1] < val[0] - 0.5  # it learned something
-    assert os.path.exists(os.path.join(log_dir, "model_00020.pt"))
+    assert os.path.exists(os.path.join(log_dir, "model_00012.pt"))
     assert "sample 3: Hello, I'm a language model," in out.stdout
     assert f"val loss: {val[0]:.4f} at the first evaluation, {val[-1]:.4f} at the end" in out.stdout
     assert "tok/s" in out.stdout
