@@ -61,16 +61,16 @@ def list_checkpoints(log_dir):
     return [os.path.join(log_dir, name) for _, name in sorted(found)]
 
 
-def newest_checkpoint(path):
-    """path itself, or for a log dir the newest checkpoint in it: so a command can name a
-    run (`--checkpoint log_shakespeare`) without knowing at which step it stopped."""
+def read_run_checkpoint(path, device="cpu"):
+    """read_checkpoint(path), or for a log dir its newest intact checkpoint: so a command can
+    name a run (`--checkpoint log_shakespeare`) without knowing at which step it stopped."""
     if not os.path.isdir(path):
-        return path
-    found = list_checkpoints(path)
-    if not found:
+        return read_checkpoint(path, device)
+    newest = read_newest_checkpoint(path, device)
+    if newest is None:
         raise CheckpointError(f"no checkpoint in {path}/: train first, or give a "
                               "model_XXXXX.pt")
-    return found[-1]
+    return newest[1]
 
 
 def check_crc(path, suffix=""):
@@ -134,14 +134,14 @@ def run_of(path):
         return None
 
 
-def read_newest_checkpoint(log_dir):
+def read_newest_checkpoint(log_dir, device="cpu"):
     """-> (path, checkpoint) of the newest checkpoint in log_dir that reads back intact,
     saying in one line why each newer one is passed over; None if log_dir holds none."""
     found = list_checkpoints(log_dir)
     newest_error = None
     for path in reversed(found):
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, device)
         except CheckpointError as e:
             print(f"warning: {e}; trying the checkpoint before it")
             newest_error = newest_error or e

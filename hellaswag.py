@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import hf_model, load_pretrained, newest_checkpoint, read_checkpoint
+from checkpoint import hf_model, load_pretrained, read_run_checkpoint
 from common import ArgumentParser, UserError, atomic_write, run_cli, unreachable
 from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
@@ -429,7 +429,7 @@ def main(argv=None):
     device, device_type = resolve_device(args.device)
     if args.checkpoint:
         # the checkpoint's weights in transformers' GPT-2: the same logits as our GPT
-        hf = hf_model(read_checkpoint(newest_checkpoint(args.checkpoint))).to(device)
+        hf = hf_model(read_run_checkpoint(args.checkpoint)).to(device)
         model, block_size = (lambda idx: hf(idx, use_cache=False).logits), hf.config.n_positions
     else:
         model, block_size = load_hf_model(args.model, device)

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fineweb
 import hellaswag
 from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, new_run_id,
-                        newest_checkpoint, open_log_dir, read_checkpoint, rng_state,
+                        open_log_dir, read_run_checkpoint, rng_state,
                         save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from
@@ -262,7 +262,7 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
         """A model trained by this script, from its model_XXXXX.pt or a log dir's newest."""
-        ckpt = read_checkpoint(newest_checkpoint(path), device)
+        ckpt = read_run_checkpoint(path, device)
         model = cls(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device)

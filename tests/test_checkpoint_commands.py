@@ -29,7 +29,8 @@ def first_run(tmp_path_factory):
 
 def test_checkpoint_names_a_log_dir(first_run, tmp_path, capsys):
     log_dir, _ = first_run
-    assert checkpoint.newest_checkpoint(log_dir) == checkpoint.list_checkpoints(log_dir)[-1]
+    assert checkpoint.read_run_checkpoint(log_dir)["step"] == \
+        checkpoint.checkpoint_step(checkpoint.list_checkpoints(log_dir)[-1])
     train_gpt2.main(["--sample", "--checkpoint", log_dir, "--num-samples", "1",
                      "--max-new-tokens", "4"])
     assert "sample 0: Hello, I'm a language model," in capsys.readouterr().out
