@@ -9,9 +9,16 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Without a GPU, kernels.py's Triton kernels run in Triton's interpreter (test_kernels.py).
+# Triton reads the switch once, when it is first imported, and transformers' models and
+# torch.compile import it early, so it is set here, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # A GPT small enough that a training step takes milliseconds on a CPU; the flags go on
 # top of the gpt2 preset, so the code path is the real one.

@@ -1,0 +1,85 @@
+"""kernels.py against the plain PyTorch path it replaces. On a CPU the Triton kernel runs in
+Triton's interpreter (TRITON_INTERPRET=1), which computes it with NumPy: the same program,
+so these tests check its arithmetic, not its speed. On a CUDA machine (tests/gpu_check.sh)
+the same tests run the compiled kernel."""
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# conftest.py chose Triton's interpreter where there is no GPU, before anything imported Triton
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+triton = pytest.importorskip("triton", reason="the kernel tests need Triton: pip install triton")
+
+import kernels  # noqa: E402
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def loss_and_grads(fn, x, w, scale=0.25, bf16=False):
+    x.grad = w.grad = None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = fn(x, w)
+    (loss * scale).backward()  # a non-unit upstream gradient, as grad accumulation gives
+    return loss.detach(), x.grad.clone(), w.grad.clone()
+
+
+def plain(x, w, targets):
+    return F.cross_entropy(F.linear(x, w), targets)
+
+
+@pytest.mark.parametrize("chunk_rows", [16, 4096])
+def test_fused_linear_cross_entropy_equals_plain_fp32(chunk_rows):
+    # V above the kernel's 8,192-column block and not a multiple of it: two blocks, the
+    # second masked; 50 rows in chunks of 16 leave a short last chunk
+    gen = torch.Generator().manual_seed(0)
+    N, C, V = 50, 24, 9001
+    x = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    w = (0.5 * torch.randn(V, C, generator=gen)).to(DEVICE).requires_grad_()
+    targets = torch.randint(V, (N,), generator=gen).to(DEVICE)
+    fused = loss_and_grads(
+        lambda x, w: kernels.fused_linear_cross_entropy(x, w, targets, chunk_rows), x, w)
+    ref = loss_and_grads(lambda x, w: plain(x, w, targets), x, w)
+    for name, a, b in zip(("loss", "grad x", "grad w"), fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel(a, b) < 1e-5, name
+
+
+def test_fused_linear_cross_entropy_bf16_matches_the_plain_autocast_path():
+    # Under autocast both paths round the logits and their gradient to bf16, so both sit
+    # at bf16's distance from the exact (float64) values; the fused one may not be
+    # further. The interpreter truncates where the GPU rounds to nearest (about twice
+    # the error), hence the factor 3.
+    gen = torch.Generator().manual_seed(1)
+    N, C, V = 64, 48, 1000
+    x = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    w = (0.3 * torch.randn(V, C, generator=gen)).to(DEVICE).requires_grad_()
+    targets = torch.randint(V, (N,), generator=gen).to(DEVICE)
+    fused = loss_and_grads(
+        lambda x, w: kernels.fused_linear_cross_entropy(x, w, targets, 24), x, w, bf16=True)
+    autocast = loss_and_grads(lambda x, w: plain(x, w, targets), x, w, bf16=True)
+    exact = loss_and_grads(lambda x, w: plain(x.double(), w.double(), targets), x, w)
+    for name, a, b, e in zip(("loss", "grad x", "grad w"), fused, autocast, exact):
+        assert a.dtype == b.dtype == torch.float32, name
+        assert rel(a, e) < max(3 * rel(b, e), 1e-4), name
+        assert rel(a, e) < 2e-2, name
+
+
+def test_cross_entropy_rows_loss_and_gradient_in_place():
+    gen = torch.Generator().manual_seed(2)
+    logits = (3 * torch.randn(7, 300, generator=gen)).to(DEVICE)
+    targets = torch.randint(300, (7,), generator=gen).to(DEVICE)
+    expected_loss = F.cross_entropy(logits, targets, reduction="none")
+    expected_grad = (torch.softmax(logits, -1) - F.one_hot(targets, 300)) / 7
+    z = logits.clone()
+    losses = kernels.cross_entropy_rows(z, targets)  # without a gradient, z is left alone
+    assert torch.equal(z, logits) and torch.allclose(losses, expected_loss, atol=1e-5)
+    kernels.cross_entropy_rows(z, targets, grad_scale=1 / 7)
+    assert torch.allclose(z, expected_grad, atol=1e-6)
+
+
