@@ -62,6 +62,8 @@ class TrainConfig:
     bf16: bool = opt(None, "bf16 autocast (default: on where the device does bf16 in "
                            "hardware: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX)")
     dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing")
+    fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (kernels.py; "
+                                "CUDA only; off until a GPU has measured it faster)")
 
 
 def gpt3_shape(n_layer, n_embd, n_head, total, lr, B):
@@ -154,7 +156,7 @@ def given_fields(args):
 RESUME_MAY_CHANGE = {"max_steps", "eval_every", "val_tokens", "hellaswag_every",
                      "hellaswag_jsonl", "hellaswag_limit", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "log_dir", "data_dir", "device", "compile", "bf16",
-                     "dist_timeout"}
+                     "dist_timeout", "fused_ce"}
 
 
 def resume_config(saved, given, path):
@@ -173,7 +175,7 @@ def resume_config(saved, given, path):
                                        if k in RESUME_MAY_CHANGE})
 
 
-def check_config(cfg, world_size=1):
+def check_config(cfg, world_size=1, device_type=None):
     B, T = cfg.batch_size, cfg.seq_len
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                  "seq_len", "total_batch_size", "max_steps"):
@@ -188,6 +190,9 @@ def check_config(cfg, world_size=1):
                         f"B*T*world_size = {B}*{T}*{world_size} = {B * T * world_size}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}")
+    if cfg.fused_ce and device_type not in (None, "cuda"):
+        raise UserError(f"--fused-ce runs a Triton kernel on a CUDA GPU, not on {device_type}: "
+                        "drop --fused-ce")
 
 
 def resume_from(cfg, args, get_lr):

@@ -39,6 +39,7 @@ from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, ne
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
+from kernels import fused_loss_skipped_by_compile
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
 
@@ -143,9 +144,10 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, fused_ce=False):
         super().__init__()
         self.config = config
+        self.fused_loss = fused_loss_skipped_by_compile() if fused_ce else None  # kernels.py
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -185,6 +187,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if self.fused_loss is not None and targets is not None:  # the loss alone
+            return None, self.fused_loss(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -238,9 +242,8 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel
         hf = load_pretrained(GPT2LMHeadModel, name_or_path, "give a saved model's directory")
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        model = GPT(config)
+        model = GPT(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd = model.state_dict()
         sd_hf = {k: v for k, v in hf.state_dict().items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
@@ -319,8 +322,7 @@ class DataLoaderLite:
                  vocab_size=None):
         self.B, self.T = B, T
         self.rank, self.world_size = rank, world_size
-        self.shuffle, self.seed = shuffle, seed
-        self.vocab_size = vocab_size
+        self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
         self.paths = fineweb.list_shards(data_dir, split)
         if not self.paths:
             raise UserError(f"no {split} shards (PREFIX_{split}_NNNNNN.bin or .npy) in {data_dir}")
@@ -332,8 +334,7 @@ class DataLoaderLite:
             raise UserError(f"the {split} shards in {data_dir} hold {sum(counts)} windows of "
                             f"B*T+1 = {B * T + 1} tokens, and each of {world_size} ranks needs "
                             "one: use a smaller --batch-size/--seq-len, or more data")
-        self.counts = counts
-        self.epoch, self.consumed = 0, 0
+        self.counts, self.epoch, self.consumed = counts, 0, 0
         self._order()
 
     def __len__(self):
@@ -715,8 +716,8 @@ def start_run(cfg, env, ckpt):
                                 vocab_size=cfg.vocab_size)
 
     raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-    raw_model.to(env.device)
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
+                    fused_ce=cfg.fused_ce).to(env.device)
     env.print0(f"model: {num_params(raw_model):,} parameters")
     use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
     bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_native(env.device_type)
@@ -752,13 +753,12 @@ def train(cfg, ckpt=None):
     env = setup_distributed(device, cfg.dist_timeout)
     lock = None
     try:
-        check_config(cfg, env.world_size)
+        check_config(cfg, env.world_size, env.device_type)
         if env.master:
             lock = open_log_dir(cfg.log_dir, ckpt["run_id"] if ckpt else None)
         run = start_run(cfg, env, ckpt)
         if run.start_step >= cfg.max_steps and run.start_evaluated:
-            env.print0(f"the run is complete: step {run.start_step} of --max-steps "
-                       f"{cfg.max_steps}")
+            env.print0(f"the run is complete: step {run.start_step} of --max-steps {cfg.max_steps}")
         train_loop(run)
     finally:
         if lock is not None:

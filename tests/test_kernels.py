@@ -15,6 +15,9 @@ assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton", reason="the kernel tests need Triton: pip install triton")
 
 import kernels  # noqa: E402
+from common import UserError  # noqa: E402
+from config import TrainConfig, check_config  # noqa: E402
+from train_gpt2 import GPT, GPTConfig  # noqa: E402
 
 
 def rel(a, b):
@@ -82,4 +85,64 @@ def test_cross_entropy_rows_loss_and_gradient_in_place():
     kernels.cross_entropy_rows(z, targets, grad_scale=1 / 7)
     assert torch.allclose(z, expected_grad, atol=1e-6)
 
+
+def tiny_models():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=300, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(config).to(DEVICE)
+    fused = GPT(config, fused_ce=True).to(DEVICE)
+    fused.load_state_dict(model.state_dict())
+    return model, fused
+
+
+def test_gpt_with_fused_ce_trains_as_the_plain_gpt():
+    # the whole model: the tied wte/lm_head matrix gets both of its gradients
+    model, fused = tiny_models()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randint(300, (2, 4, 16), generator=gen).to(DEVICE)
+    losses = []
+    for m in (model, fused):
+        logits, loss = m(x, y)
+        (loss / 4).backward()
+        losses.append(loss.item())
+    assert logits is None  # the fused path returns only the loss
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        assert rel(q.grad, p.grad) < 1e-5, name
+
+
+def test_gpt_with_fused_ce_keeps_the_logits_api():
+    # HellaSwag, sampling and export call the model without targets: logits as before
+    model, fused = tiny_models()
+    idx = torch.randint(300, (3, 16), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        (a, _), (b, _) = model(idx), fused(idx)
+        assert torch.equal(a, b)
+        # and the val loss, with targets but no gradient
+        assert fused(idx, idx)[1].item() == pytest.approx(model(idx, idx)[1].item(), rel=1e-6)
+
+
+def test_gpt_with_fused_ce_under_torch_compile():
+    # dynamo stops its graph at the fused function (torch.compiler.disable) and runs it
+    # as written; the "eager" backend keeps the test fast on a CPU
+    model, fused = tiny_models()
+    x, y = torch.randint(300, (2, 4, 16), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    # dynamo stops at the fused loss, by name, rather than tracing into its kernel
+    reasons = [b.reason for b in torch._dynamo.explain(fused)(x, y).break_reasons]
+    assert [r for r in reasons if "fused_linear_cross_entropy" in r] == reasons != []
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="eager")
+    _, loss = compiled(x, y)
+    loss.backward()
+    _, ref = model(x, y)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert rel(fused.lm_head.weight.grad, model.lm_head.weight.grad) < 1e-5
+
+
+def test_fused_ce_flag_is_refused_off_cuda():
+    cfg = dataclasses.replace(TrainConfig(), fused_ce=True)
+    with pytest.raises(UserError, match="--fused-ce runs a Triton kernel on a CUDA GPU"):
+        check_config(cfg, 1, "cpu")
+    check_config(cfg, 1, "cuda")
 
