@@ -8,6 +8,7 @@ alternatives.
     python bench.py cpu                        # every CPU benchmark, PASS/FAIL per target
     python bench.py cpu --only kvcache         # one of: tokenize loader hellaswag kvcache train
     python bench.py profile                    # where a GPT-2 training step's GPU time goes
+    python bench.py fused-ce                   # lm_head + cross-entropy: compiled vs kernels.py
 
 `ladder` trains for --steps steps per rung (after --warmup untimed ones) and each rung
 adds one optimisation to the rungs before it, in the lecture's order. Its A100 figures
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 import fineweb
 import hellaswag
+import kernels
 from common import ArgumentParser, UserError, run_cli
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
 from tokenizer import GPT2_VOCAB, get_encoding
@@ -67,6 +69,7 @@ class Settings:
     fused_adamw: bool = False  # one kernel for the whole optimizer step
     huge_pages: bool = False  # 2 MB pages for big CPU tensors (train_gpt2.py on a CPU)
     cd_tuning: bool = False   # inductor tunes each Triton kernel's launch configuration
+    fused_ce: bool = False    # lm_head + cross-entropy through kernels.py (--fused-ce)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ RUNGS = [
 EXTRA_RUNGS = [
     # the CPU's own: without it every step faults the logits' memory in, 4 KB at a time
     Rung("huge pages", "huge_pages", cpu_only=True),
+    # kernels.py: the loss and the logits' gradient in one Triton kernel, in place, instead
+    # of the fp32 log-softmax, nll_loss's zero-filled gradient and their passes
+    Rung("fused CE", "fused_ce", cuda_only=True),
     # The memory-bound kernels (layernorm, GELU, residual adds, casts) are Triton kernels
     # that inductor writes; coordinate descent tries their block sizes and warp counts one
     # at a time and keeps the fastest. The same arithmetic, only scheduled differently.
@@ -140,9 +146,9 @@ def build_model(settings, shape, device, seed=1337):
     torch.manual_seed(seed)
     config = GPTConfig(block_size=shape.seq_len, vocab_size=GPT2_VOCAB, n_layer=shape.n_layer,
                        n_head=shape.n_head, n_embd=shape.n_embd)
-    model = GPT(config)
+    model = GPT(config, fused_ce=settings.fused_ce)
     if settings.vocab_50304:
-        padded = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB))
+        padded = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB), settings.fused_ce)
         padded_state = padded.state_dict()  # views of padded's parameters
         with torch.no_grad():
             for name, tensor in model.state_dict().items():
@@ -372,7 +378,7 @@ def group_times(times):
     return sorted(rows, key=lambda r: -r[1])
 
 
-def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False):
+def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False, fused_ce=False):
     """Kernel time per training step at `shape`, as train_gpt2.py trains on the device
     (compile and bf16 on a GPU; vocab 50304, SDPA, fused AdamW): -> (group_times rows in
     ms per step, the step's wall ms). On a CPU the ops' own CPU time stands in."""
@@ -380,7 +386,8 @@ def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False):
     device_type = device.split(":")[0]
     cuda = device_type == "cuda"
     settings = Settings(tf32=cuda, bf16=bf16_native(device_type), compile=cuda, flash=True,
-                        vocab_50304=True, fused_adamw=True, cd_tuning=cd_tuning)
+                        vocab_50304=True, fused_adamw=True, cd_tuning=cd_tuning,
+                        fused_ce=fused_ce)
     model = build_model(settings, shape, device)
     from torch._inductor import config as inductor_config
     inductor_config.coordinate_descent_tuning = cd_tuning
@@ -419,10 +426,12 @@ def run_profile(args):
     shape = Shape(*(getattr(args, f.name) or getattr(default, f.name)
                     for f in dataclasses.fields(Shape)))
     name = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
-    rows, wall_ms = profile_step(shape, device, steps=args.steps, cd_tuning=args.cd_tuning)
+    rows, wall_ms = profile_step(shape, device, steps=args.steps, cd_tuning=args.cd_tuning,
+                                 fused_ce=args.fused_ce)
     total = sum(ms for _, ms, _ in rows)
-    print(f"profile on {name}: {shape}{', coordinate descent tuning' if args.cd_tuning else ''}"
-          f": {wall_ms:.1f} ms/step wall, {total:.1f} ms/step of "
+    extras = ", coordinate descent tuning" * args.cd_tuning + ", fused CE" * args.fused_ce
+    print(f"profile on {name}: {shape}{extras}: {wall_ms:.1f} ms/step wall, {total:.1f} "
+          "ms/step of "
           f"{'GPU kernels' if device_type == 'cuda' else 'CPU op time'}")
     print(f"{'group':<14} {'ms/step':>8} {'share':>6}  largest")
     for group, ms, top in rows:
@@ -431,8 +440,100 @@ def run_profile(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "shape": dataclasses.asdict(shape), "wall_ms": wall_ms,
-                       "cd_tuning": args.cd_tuning, "groups": rows}, f, indent=1)
+                       "cd_tuning": args.cd_tuning, "fused_ce": args.fused_ce, "groups": rows},
+                      f, indent=1)
     return rows
+
+# -----------------------------------------------------------------------------
+# The fused cross-entropy alone: the model's last matmul and its loss, forward and backward,
+# at one micro step's shape, as the compiled model computes them and through kernels.py.
+
+# (chunk rows, (columns per block, warps per program)) of kernels.py's function to time
+FUSED_CE_LAUNCHES = [(65536, (8192, 32)), (65536, (16384, 32)), (65536, (32768, 32)),
+                     (65536, (4096, 8)), (16384, (8192, 32))]
+
+
+def bench_fused_ce(device, rows=65536, n_embd=768, vocab=PADDED_VOCAB,
+                   launches=FUSED_CE_LAUNCHES, compile_plain=True, steps=10, warmup=3):
+    """Yields one dict per way, as it is measured: ms per forward + backward (the fastest
+    of `steps`), peak memory above the inputs, and the relative distance of the loss and
+    both gradients from the plain path's (or why the way failed). The plain path is the
+    model's own: lm_head, then F.cross_entropy, under bf16 autocast where the device has
+    it, torch.compile'd on CUDA."""
+    device_type = device.split(":")[0]
+    bf16 = bf16_native(device_type)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n_embd, generator=gen).to(device).requires_grad_()  # as ln_f's
+    w = (0.02 * torch.randn(vocab, n_embd, generator=gen)).to(device).requires_grad_()
+    targets = torch.randint(GPT2_VOCAB if vocab > GPT2_VOCAB else vocab, (rows,),
+                            generator=gen).to(device)
+
+    def plain(x, w, targets):
+        return F.cross_entropy(F.linear(x, w), targets)
+
+    ways = [("compiled F.cross_entropy" if compile_plain else "F.cross_entropy",
+             torch.compile(plain) if compile_plain else plain)]
+    for chunk, launch in launches:
+        ways.append((f"fused, {chunk} rows/chunk, block {launch[0]}, {launch[1]} warps",
+                     lambda x, w, t, c=chunk, la=launch:
+                     kernels.fused_linear_cross_entropy(x, w, t, c, la)))
+    reference = None
+    for name, fn in ways:
+        try:
+            times, out, peak = time_loss(fn, x, w, targets, device_type, bf16, steps, warmup)
+        except Exception as e:  # a launch that does not fit the device, say: the next one
+            yield {"way": name, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"}
+            continue
+        if reference is None:
+            reference = out
+        dist = [((a - b).norm() / b.norm()).item() for a, b in zip(out, reference)]
+        yield {"way": name, "ms": 1000 * min(times), "peak_gib": peak, "loss": out[0].item(),
+               "dist_loss": dist[0], "dist_grad_x": dist[1], "dist_grad_w": dist[2]}
+
+
+def time_loss(fn, x, w, targets, device_type, bf16, steps, warmup):
+    """fn(x, w, targets)'s forward and backward `warmup + steps` times: -> (the timed
+    seconds, the last (loss, grad x, grad w) in fp32, peak GiB above the inputs on CUDA)."""
+    times, peak = [], None
+    for i in range(warmup + steps):
+        x.grad = w.grad = None
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        with autocast(device_type, bf16):
+            loss = fn(x, w, targets)
+        loss.backward()
+        synchronize(device_type)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if device_type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    return times, (loss.detach().float(), x.grad.float(), w.grad.float()), peak
+
+
+def run_fused_ce(args):
+    device, device_type = resolve_device("auto")
+    if device_type != "cuda":
+        raise UserError("bench.py fused-ce times a Triton kernel on a CUDA GPU; on a CPU, "
+                        "tests/test_kernels.py checks its arithmetic")
+    print(f"lm_head + cross-entropy, forward + backward, on {torch.cuda.get_device_name()}: "
+          f"{args.rows} rows x 768 -> {PADDED_VOCAB}, bf16 autocast")
+    print(f"{'way':<50} {'ms':>7} {'peak':>9}  distance from the first: loss, grad x, grad w")
+    results = []
+    for r in bench_fused_ce(device, rows=args.rows):
+        results.append(r)
+        if "failed" in r:
+            print(f"{r['way']:<50} failed: {r['failed']}", flush=True)
+            continue
+        print(f"{r['way']:<50} {r['ms']:7.2f} {r['peak_gib']:5.1f} GiB  {r['dist_loss']:.1e}, "
+              f"{r['dist_grad_x']:.1e}, {r['dist_grad_w']:.1e}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": args.rows,
+                       "results": results}, f, indent=1)
+    return results
 
 # -----------------------------------------------------------------------------
 # CPU benchmarks: each returns Results, a measured value against a target.
@@ -701,7 +802,14 @@ def build_parser():
     prof.add_argument("--steps", type=int, default=3, help="profiled steps (default: 3)")
     prof.add_argument("--cd-tuning", action="store_true",
                       help="with inductor's coordinate descent tuning (the ladder's rung)")
+    prof.add_argument("--fused-ce", action="store_true",
+                      help="with the loss through kernels.py (the ladder's fused CE rung)")
     prof.add_argument("--json", metavar="OUT", help="also write the table to this file")
+    fce = sub.add_parser("fused-ce", help="lm_head + cross-entropy at one micro step's shape: "
+                         "compiled F.cross_entropy against kernels.py's launches")
+    fce.add_argument("--rows", type=int, default=65536,
+                     help="rows of logits, B*T (default: %(default)s, the gpt2 preset's B=64)")
+    fce.add_argument("--json", metavar="OUT", help="also write the table to this file")
     cpu = sub.add_parser("cpu", help="CPU hot paths against their plain alternatives")
     cpu.add_argument("--only", choices=CPU_BENCHMARKS, help="run one benchmark (default: all)")
     cpu.add_argument("--tokens", type=int, default=20_000_000,
@@ -716,7 +824,8 @@ def main(argv=None):
     if args.command == "cpu":
         # as train_gpt2.py and hellaswag.py run on a CPU; before any tensor, as it must be
         use_huge_pages()
-    {"ladder": run_ladder, "profile": run_profile, "cpu": run_cpu}[args.command](args)
+    {"ladder": run_ladder, "profile": run_profile, "cpu": run_cpu,
+     "fused-ce": run_fused_ce}[args.command](args)
 
 
 if __name__ == "__main__":

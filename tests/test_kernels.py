@@ -146,3 +146,39 @@ def test_fused_ce_flag_is_refused_off_cuda():
         check_config(cfg, 1, "cpu")
     check_config(cfg, 1, "cuda")
 
+
+def test_bench_fused_ce_runs_every_launch_and_agrees():
+    # the benchmark that tests/gpu_check.sh runs, at a tiny shape: each way ran, and each
+    # gives the plain path's loss and gradients
+    import bench
+    launches = [(64, (256, 4)), (24, (128, 2))]
+    rows = list(bench.bench_fused_ce(DEVICE, rows=64, n_embd=16, vocab=300, launches=launches,
+                                     compile_plain=False, steps=1, warmup=0))
+    assert [r["way"] for r in rows] == ["F.cross_entropy"] + [
+        "fused, 64 rows/chunk, block 256, 4 warps", "fused, 24 rows/chunk, block 128, 2 warps"]
+    for r in rows:
+        assert "failed" not in r and r["ms"] > 0
+        assert max(r["dist_loss"], r["dist_grad_x"], r["dist_grad_w"]) < 2e-2, r
+
+
+def test_ladder_rung_takes_the_fused_path():
+    import bench
+    # GPT-2's 50,257 columns through the interpreter: few rows keep it quick
+    shape = bench.Shape(n_layer=1, n_head=2, n_embd=32, batch_size=1, seq_len=16)
+    plain = bench.Settings(flash=True)
+    a = bench.time_training(plain, shape, DEVICE, steps=2, warmup=0)
+    b = bench.time_training(dataclasses.replace(plain, fused_ce=True), shape, DEVICE, steps=2,
+                            warmup=0)
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)  # same weights, same batch
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the profile groups kernels by name, "
+                    "and the fused kernel is a cross-entropy kernel too")
+def test_profile_takes_the_fused_path():
+    # on a CPU the cross-entropy group is aten's log_softmax and nll_loss: gone when fused
+    import bench
+    shape = bench.Shape(n_layer=1, n_head=2, n_embd=32, batch_size=1, seq_len=16)
+    groups = {fused_ce: {g for g, _, _ in bench.profile_step(shape, "cpu", 1, 1,
+                                                             fused_ce=fused_ce)[0]}
+              for fused_ce in (False, True)}
+    assert "cross-entropy" in groups[False] and "cross-entropy" not in groups[True]
