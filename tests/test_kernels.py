@@ -36,15 +36,19 @@ def plain(x, w, targets):
     return F.cross_entropy(F.linear(x, w), targets)
 
 
+def lm_head_inputs(seed, N, C, V, w_std):
+    """x (N, C) as a layernorm's output, the lm_head's weight (V, C), targets (N,)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    w = (w_std * torch.randn(V, C, generator=gen)).to(DEVICE).requires_grad_()
+    return x, w, torch.randint(V, (N,), generator=gen).to(DEVICE)
+
+
 @pytest.mark.parametrize("chunk_rows", [16, 4096])
 def test_fused_linear_cross_entropy_equals_plain_fp32(chunk_rows):
     # V above the kernel's 8,192-column block and not a multiple of it: two blocks, the
     # second masked; 50 rows in chunks of 16 leave a short last chunk
-    gen = torch.Generator().manual_seed(0)
-    N, C, V = 50, 24, 9001
-    x = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
-    w = (0.5 * torch.randn(V, C, generator=gen)).to(DEVICE).requires_grad_()
-    targets = torch.randint(V, (N,), generator=gen).to(DEVICE)
+    x, w, targets = lm_head_inputs(0, N=50, C=24, V=9001, w_std=0.5)
     fused = loss_and_grads(
         lambda x, w: kernels.fused_linear_cross_entropy(x, w, targets, chunk_rows), x, w)
     ref = loss_and_grads(lambda x, w: plain(x, w, targets), x, w)
@@ -58,11 +62,7 @@ def test_fused_linear_cross_entropy_bf16_matches_the_plain_autocast_path():
     # at bf16's distance from the exact (float64) values; the fused one may not be
     # further. The interpreter truncates where the GPU rounds to nearest (about twice
     # the error), hence the factor 3.
-    gen = torch.Generator().manual_seed(1)
-    N, C, V = 64, 48, 1000
-    x = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
-    w = (0.3 * torch.randn(V, C, generator=gen)).to(DEVICE).requires_grad_()
-    targets = torch.randint(V, (N,), generator=gen).to(DEVICE)
+    x, w, targets = lm_head_inputs(1, N=64, C=48, V=1000, w_std=0.3)
     fused = loss_and_grads(
         lambda x, w: kernels.fused_linear_cross_entropy(x, w, targets, 24), x, w, bf16=True)
     autocast = loss_and_grads(lambda x, w: plain(x, w, targets), x, w, bf16=True)
