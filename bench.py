@@ -367,21 +367,22 @@ def kernel_group(name):
     return "other"
 
 
-def group_times(times):
-    """{kernel name: microseconds} -> [(group, microseconds, [(name, us), ...top 3])],
-    largest group first."""
+def group_times(times, top=3):
+    """{kernel name: microseconds} -> [(group, microseconds, [(name, us), ...the `top`
+    largest])], largest group first."""
     groups = {}
     for name, us in times.items():
         groups.setdefault(kernel_group(name), []).append((name, us))
-    rows = [(g, sum(us for _, us in ks), sorted(ks, key=lambda k: -k[1])[:3])
+    rows = [(g, sum(us for _, us in ks), sorted(ks, key=lambda k: -k[1])[:top])
             for g, ks in groups.items()]
     return sorted(rows, key=lambda r: -r[1])
 
 
-def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False, fused_ce=False):
+def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False, fused_ce=False, top=3):
     """Kernel time per training step at `shape`, as train_gpt2.py trains on the device
     (compile and bf16 on a GPU; vocab 50304, SDPA, fused AdamW): -> (group_times rows in
-    ms per step, the step's wall ms). On a CPU the ops' own CPU time stands in."""
+    ms per step with each group's `top` largest kernels, the step's wall ms). On a CPU the
+    ops' own CPU time stands in."""
     from torch.profiler import ProfilerActivity, profile
     device_type = device.split(":")[0]
     cuda = device_type == "cuda"
@@ -415,7 +416,7 @@ def profile_step(shape, device, steps=3, warmup=3, cd_tuning=False, fused_ce=Fal
             if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
                 times[e.key] = e.self_cpu_time_total
     rows = [(g, us / steps / 1000, [(n, t / steps / 1000) for n, t in top])
-            for g, us, top in group_times(times)]
+            for g, us, top in group_times(times, top)]
     inductor_config.coordinate_descent_tuning = False
     return rows, wall_ms
 
@@ -427,7 +428,7 @@ def run_profile(args):
                     for f in dataclasses.fields(Shape)))
     name = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
     rows, wall_ms = profile_step(shape, device, steps=args.steps, cd_tuning=args.cd_tuning,
-                                 fused_ce=args.fused_ce)
+                                 fused_ce=args.fused_ce, top=max(3, args.kernels))
     total = sum(ms for _, ms, _ in rows)
     extras = ", coordinate descent tuning" * args.cd_tuning + ", fused CE" * args.fused_ce
     print(f"profile on {name}: {shape}{extras}: {wall_ms:.1f} ms/step wall, {total:.1f} "
@@ -435,8 +436,15 @@ def run_profile(args):
           f"{'GPU kernels' if device_type == 'cuda' else 'CPU op time'}")
     print(f"{'group':<14} {'ms/step':>8} {'share':>6}  largest")
     for group, ms, top in rows:
-        largest = "; ".join(f"{n[:48]} {t:.2f}" for n, t in top)
+        largest = "; ".join(f"{n[:48]} {t:.2f}" for n, t in top[:3])
         print(f"{group:<14} {ms:8.2f} {100 * ms / total:5.1f}%  {largest}")
+    if args.kernels:
+        # the groups' kernels one per line, the next lever's candidates: their names say
+        # what inductor fused into each (triton_poi/red/per_fused_<ops>_<n>)
+        for group, ms, top in rows:
+            print(f"{group}, its {min(args.kernels, len(top))} largest (ms/step):")
+            for n, t in top[:args.kernels]:
+                print(f"  {t:8.3f}  {n[:110]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "shape": dataclasses.asdict(shape), "wall_ms": wall_ms,
@@ -802,6 +810,8 @@ def build_parser():
     prof.add_argument("--steps", type=int, default=3, help="profiled steps (default: 3)")
     prof.add_argument("--cd-tuning", action="store_true",
                       help="with inductor's coordinate descent tuning (the ladder's rung)")
+    prof.add_argument("--kernels", type=int, default=0, metavar="N",
+                      help="also list each group's N largest kernels (default: none)")
     prof.add_argument("--fused-ce", action="store_true",
                       help="with the loss through kernels.py (the ladder's fused CE rung)")
     prof.add_argument("--json", metavar="OUT", help="also write the table to this file")

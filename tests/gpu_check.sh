@@ -14,7 +14,8 @@
 #   5. bench.py fused-ce: the lm_head + cross-entropy alone at B=64, the compiled plain path
 #      against kernels.py's launch configurations, with their distance from it;
 #   6. a kernel-time profile of one training step at B=64 with --fused-ce, grouped as
-#      matmul / attention / cross-entropy / elementwise / optimizer (bench.py profile);
+#      matmul / attention / cross-entropy / elementwise / optimizer, with each group's 8
+#      largest kernels, the next levers' candidates (bench.py profile);
 #   7. the profile of step 6 without --fused-ce;
 #   8. bench.py ladder at GPT-2 (124M), B=16: the last lecture rung, then this project's
 #      rungs (fused CE, coordinate descent).
@@ -115,7 +116,7 @@ section "train: 30 steps of --preset gpt2 through torchrun (baseline)"
 train plain
 
 profile() {  # profile NAME [FLAGS...]: bench.py profile at B=64
-    timeout 120 "$PY" bench.py profile --json "$work/profile_$1.json" "${@:2}" 2>&1 \
+    timeout 120 "$PY" bench.py profile --kernels 8 --json "$work/profile_$1.json" "${@:2}" 2>&1 \
         | grep -v "^STAGE:\|USDT" | tee "$out/profile_$1.txt" | tee -a "$out/summary.txt"
 }
 

@@ -162,9 +162,14 @@ def test_profile_command_on_the_cpu(tmp_path):
     out = tmp_path / "profile.json"
     proc = run(["bench.py", "profile", "--device", "cpu", "--n-layer", "1", "--n-head", "2",
                 "--n-embd", "32", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
-                "--json", str(out)], timeout=60)
+                "--kernels", "2", "--json", str(out)], timeout=60)
     groups = {g: ms for g, ms, _ in json.loads(out.read_text())["groups"]}
     # a training step does all of these, so each group has time in it
     assert {"matmul", "attention", "cross-entropy", "optimizer", "elementwise"} <= set(groups)
     assert all(ms > 0 for ms in groups.values())
     assert "ms/step wall" in proc.stdout and "matmul" in proc.stdout
+    # --kernels 2: each group's two largest, one per line, under the group's name
+    listing = proc.stdout.split("matmul, its 2 largest (ms/step):\n")[1].splitlines()[:2]
+    ms, names = zip(*(line.split() for line in listing))
+    assert all(bench.kernel_group(n) == "matmul" for n in names)
+    assert float(ms[0]) >= float(ms[1]) > 0
