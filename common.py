@@ -28,10 +28,16 @@ class UserError(Exception):
     exit_code = 1
 
 
+def launched_rank0():
+    """True but in torchrun's workers of rank 1 and up: for what only one process should
+    print, before (or without) a process group to ask."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_cli(main, argv=None):
     """main(argv) for an entry point: -> its exit status. A UserError becomes one line on
     stderr; under torchrun only rank 0 prints it, as every rank meets the same error."""
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = launched_rank0()
     try:
         return main(argv) or 0
     except UserError as e:
@@ -180,7 +186,7 @@ class StopRequest:
         if self.signum:
             raise KeyboardInterrupt  # the second signal
         self.signum = signum
-        if os.environ.get("RANK", "0") == "0":  # torchrun signals every rank
+        if launched_rank0():  # torchrun signals every rank
             print(f"\n{signal.Signals(signum).name}: stopping after this step with a "
                   "checkpoint (once more to stop at once)", file=sys.stderr, flush=True)
 

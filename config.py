@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from checkpoint import read_checkpoint, read_newest_checkpoint
-from common import ArgumentParser, UserError
+from common import ArgumentParser, UserError, launched_rank0
 
 def opt(default, help):
     # a config field and its --flag's help in one place; build_parser() makes the flags
@@ -209,6 +209,8 @@ def resume_from(cfg, args, get_lr):
     if args.resume != "latest" and "log_dir" not in given:
         given["log_dir"] = os.path.dirname(path) or "."  # continue beside the checkpoint
     resumed = resume_config(ckpt["config"], given, path)
+    if not launched_rank0():  # every rank reads the checkpoint; one says so
+        return resumed, ckpt
     print(f"resuming from {path} at step {ckpt['step']} (preset {resumed.preset})")
     old_steps, step = ckpt["config"]["max_steps"], ckpt["step"]
     if resumed.max_steps != old_steps and step < resumed.max_steps:

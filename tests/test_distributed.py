@@ -143,9 +143,12 @@ def test_interrupts_under_torchrun_then_resume_is_bitwise_identical(single_run):
     second = interrupted_at(p, log_dir, signal.SIGTERM)
     assert 3 <= first < second < 12
     p = torchrun(ranks, args + ["--resume"])
-    for p in (p, reference):
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
+    outs = []
+    for proc in (p, reference):
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        outs.append(out)
+    assert outs[0].count("resuming from ") == 1, outs[0]  # every rank reads; one says so
     assert read_log(straight) == read_log(log_dir)
     a = torch.load(os.path.join(straight, "model_00012.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(log_dir, "model_00012.pt"), weights_only=True)["model"]
