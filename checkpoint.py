@@ -152,6 +152,21 @@ def read_newest_checkpoint(log_dir, device="cpu"):
     return None
 
 
+def newer_checkpoints(log_dir, run_id, step):
+    """The checkpoints of run `run_id` in log_dir past `step`, oldest first: those that a
+    run resumed from `step` would replace as it reaches their steps."""
+    return [p for p in list_checkpoints(log_dir)
+            if checkpoint_step(p) > step and run_of(p) == run_id]
+
+
+def spare_log_path(log_dir):
+    """log_dir/log.N.txt for the first N not taken: where a log.txt is kept aside."""
+    n = 1
+    while os.path.exists(path := os.path.join(log_dir, f"log.{n}.txt")):
+        n += 1
+    return path
+
+
 def save_checkpoint(ckpt, log_dir, step, keep=0):
     """Writes ckpt as log_dir/model_{step}.pt; with keep > 0, then removes all but the
     newest `keep` checkpoints of this run (ckpt["run_id"]) up to this one: another run's
@@ -207,10 +222,7 @@ def open_log_dir(log_dir, run_id=None):
             os.remove(os.path.join(log_dir, name))
     log_path = os.path.join(log_dir, "log.txt")
     if run_id not in runs and os.path.exists(log_path):
-        n = 1
-        while os.path.exists(kept := os.path.join(log_dir, f"log.{n}.txt")):
-            n += 1
-        os.replace(log_path, kept)
+        os.replace(log_path, kept := spare_log_path(log_dir))
         print(f"kept the log.txt already in {log_dir}/ as {kept}"
               + (" (no checkpoint of this run lies beside it)" if run_id else ""))
     return lock

@@ -8,9 +8,11 @@ field on top. A checkpoint stores the resolved configuration as plain data, and
 import argparse
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 
-from checkpoint import read_checkpoint, read_newest_checkpoint
+from checkpoint import (newer_checkpoints, read_checkpoint, read_newest_checkpoint,
+                        spare_log_path)
 from common import ArgumentParser, UserError, launched_rank0
 
 def opt(default, help):
@@ -116,6 +118,10 @@ def build_parser():
     # commands other than training
     flag("--resume", nargs="?", const="latest",
          help="continue the newest checkpoint in --log-dir, or the one given")
+    flag("--rewind", action="store_true", default=False,
+         help="with --resume PATH: go back to a checkpoint older than its run's newest, "
+              "whose newer checkpoints the run then replaces (log.txt is kept whole as "
+              "log.N.txt first)")
     flag("--sample", action="store_true", default=False,
          help="sample from --checkpoint and exit")
     flag("--export-hf", metavar="OUT_DIR", help="write --checkpoint as a Hugging Face model")
@@ -139,6 +145,8 @@ def parse_config(argv):
         parser.error(f"{command} needs --checkpoint PATH (a model_XXXXX.pt in your log dir)")
     if args.sample and (args.top_k < 1 or not args.prompt):
         parser.error("--sample needs a non-empty --prompt and a --top-k of at least 1")
+    if args.rewind and not hasattr(args, "resume"):
+        parser.error("--rewind goes with --resume PATH: the older checkpoint to go back to")
     preset = getattr(args, "preset", "gpt2")
     values = dict(PRESETS[preset], preset=preset)
     values.update(given_fields(args))
@@ -209,8 +217,22 @@ def resume_from(cfg, args, get_lr):
     if args.resume != "latest" and "log_dir" not in given:
         given["log_dir"] = os.path.dirname(path) or "."  # continue beside the checkpoint
     resumed = resume_config(ckpt["config"], given, path)
+    # a PATH may be older than its run's newest checkpoint (without one, the newest intact
+    # checkpoint is taken, and any newer are damaged: replacing those loses nothing)
+    newer = [] if args.resume == "latest" else \
+        newer_checkpoints(resumed.log_dir, ckpt["run_id"], ckpt["step"])
+    if newer and not args.rewind:
+        raise UserError(f"{resumed.log_dir}/ holds this run's newer "
+                        f"{os.path.basename(newer[-1])}, which a resume from step "
+                        f"{ckpt['step']} would replace: --resume without a path continues the "
+                        "newest; --rewind goes back")
     if not launched_rank0():  # every rank reads the checkpoint; one says so
         return resumed, ckpt
+    log_path = os.path.join(resumed.log_dir, "log.txt")
+    if newer and os.path.exists(log_path):
+        shutil.copyfile(log_path, kept := spare_log_path(resumed.log_dir))
+        print(f"--rewind: kept {log_path} whole as {kept}; {len(newer)} newer checkpoint(s) "
+              f"of this run will be replaced as the run reaches them")
     print(f"resuming from {path} at step {ckpt['step']} (preset {resumed.preset})")
     old_steps, step = ckpt["config"]["max_steps"], ckpt["step"]
     if resumed.max_steps != old_steps and step < resumed.max_steps:

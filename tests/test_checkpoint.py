@@ -93,6 +93,32 @@ def test_resume_of_a_finished_run_and_bad_resumes(reference, tmp_path, capsys):
                                                  for s in (N, 2 * N)]
 
 
+def test_a_resume_from_an_older_checkpoint_needs_rewind(reference, tmp_path, capsys):
+    shards, straight, _ = reference
+    rewound = tmp_path / "rewound"
+    shutil.copytree(straight, rewound)
+    before = {name: (rewound / name).read_bytes() for name in os.listdir(rewound)}
+    older = str(rewound / f"model_{N:05d}.pt")
+    args = ["--resume", older, "--data-dir", shards]
+    # the run's model_00012.pt and its log past step N would be replaced: refused
+    assert run_cli(train_gpt2.main, args) == 1
+    assert capsys.readouterr().err == (
+        f"error: {rewound}/ holds this run's newer model_{2 * N:05d}.pt, which a resume from "
+        f"step {N} would replace: --resume without a path continues the newest; --rewind goes "
+        "back\n")
+    assert {name: (rewound / name).read_bytes() for name in os.listdir(rewound)} == before
+    # --rewind goes back, with the whole log kept aside first
+    assert run_cli(train_gpt2.main, args + ["--rewind"]) == 0
+    assert (f"--rewind: kept {rewound}/log.txt whole as {rewound}/log.1.txt; 1 newer "
+            "checkpoint(s) of this run will be replaced") in capsys.readouterr().out
+    assert (rewound / "log.1.txt").read_bytes() == before["log.txt"]
+    assert [(s, k) for s, k, _ in read_log(str(rewound))] == [
+        (s, k) for s, k, _ in read_log(straight)]
+    with pytest.raises(SystemExit, match="2"):  # argparse's own status, one line
+        train_gpt2.main(["--rewind"])
+    assert "error: --rewind goes with --resume PATH" in capsys.readouterr().err
+
+
 def test_keep_checkpoints(reference, tmp_path):
     shards, _, _ = reference
     log_dir = str(tmp_path / "keep")
