@@ -182,3 +182,44 @@ def test_profile_takes_the_fused_path():
                                                              fused_ce=fused_ce)[0]}
               for fused_ce in (False, True)}
     assert "cross-entropy" in groups[False] and "cross-entropy" not in groups[True]
+
+
+# Triton's compiler, without the interpreter, in a process of its own: the kernel for an H100
+# as the JIT specializes it for the gpt2 preset (16-byte aligned pointers, stride and columns
+# 50,304, divisible by 16), with Triton's own ptxas
+COMPILE_FOR_H100 = """
+import sys, triton, kernels
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+signature = {"logits_ptr": "*bf16", "stride": "i32", "targets_ptr": "*i64",
+             "losses_ptr": "*fp32", "n_cols": "i32", "grad_scale": "fp32",
+             "WRITE_GRAD": "constexpr", "BLOCK": "constexpr"}
+aligned = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+block, num_warps = kernels.LAUNCH
+source = ASTSource(kernels._cross_entropy_kernel(), signature,
+                   {"WRITE_GRAD": True, "BLOCK": block}, aligned)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
+open(sys.argv[1], "wb").write(compiled.asm["cubin"])
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above run the compiled kernel")
+def test_the_kernel_compiles_for_an_h100_with_16_byte_accesses(tmp_path):
+    # The interpreter runs the kernel's arithmetic, not Triton's compiler: compile it, then
+    # read the machine code: one 16-byte load per thread and block in each pass, 16-byte
+    # stores, no registers spilled to local memory
+    import re
+    import subprocess
+    from conftest import run
+    cubin = str(tmp_path / "cross_entropy_rows.cubin")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run(["-c", COMPILE_FOR_H100, cubin], env=env)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    usage, sass = (subprocess.run([cuobjdump, what, cubin], capture_output=True, text=True,
+                                  check=True).stdout
+                   for what in ("--dump-resource-usage", "--dump-sass"))
+    assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
+    assert re.findall(r"LDG\.E\.128", sass) == ["LDG.E.128"] * 2, sass  # the logits, per pass
+    assert re.findall(r"STG\.E\.(\w+)", sass) == ["128"], sass  # the gradient
