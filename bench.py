@@ -521,6 +521,45 @@ def time_loss(fn, x, w, targets, device_type, bf16, steps, warmup):
     return times, (loss.detach().float(), x.grad.float(), w.grad.float()), peak
 
 
+def bench_cross_entropy_alone(device, rows=65536, vocab=PADDED_VOCAB, launches=FUSED_CE_LAUNCHES,
+                              compile_plain=True, steps=10, warmup=3):
+    """The loss and the logits' gradient alone, from bf16 logits (rows, vocab): the
+    compiled F.cross_entropy forward + backward against kernels.py's kernel at each launch.
+    Yields {way, ms, TB/s}: the bandwidth counts the fewest bytes the work must move, the
+    logits read once and their gradient written once (METHOD: the floor is that over the
+    card's copy bandwidth, about 3.0 TB/s on an H100)."""
+    device_type = device.split(":")[0]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, vocab, generator=gen).to(device, torch.bfloat16)
+    targets = torch.randint(min(vocab, GPT2_VOCAB), (rows,), generator=gen).to(device)
+    floor_bytes = 2 * logits.numel() * logits.element_size()
+
+    def loss(z):
+        return F.cross_entropy(z.float(), targets)  # in fp32, as under autocast
+
+    compiled = torch.compile(loss) if compile_plain else loss
+    ways = [("compiled F.cross_entropy" if compile_plain else "F.cross_entropy",
+             lambda z: compiled(z.requires_grad_()).backward())]
+    ways += [(f"kernel, block {la[0]}, {la[1]} warps",
+              lambda z, la=la: kernels.cross_entropy_rows(z, targets, 1 / rows, la))
+             for la in dict.fromkeys(la for _, la in launches)]  # each launch once
+    for name, fn in ways:
+        try:
+            times = []
+            for i in range(warmup + steps):
+                z = logits.clone()  # the kernel overwrites its input
+                synchronize(device_type)
+                t0 = time.perf_counter()
+                fn(z)
+                synchronize(device_type)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        except Exception as e:  # a launch that does not fit the device, say: the next one
+            yield {"way": name, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"}
+            continue
+        yield {"way": name, "ms": 1000 * min(times), "tb_s": floor_bytes / min(times) / 1e12}
+
+
 def run_fused_ce(args):
     device, device_type = resolve_device("auto")
     if device_type != "cuda":
@@ -537,6 +576,12 @@ def run_fused_ce(args):
             continue
         print(f"{r['way']:<50} {r['ms']:7.2f} {r['peak_gib']:5.1f} GiB  {r['dist_loss']:.1e}, "
               f"{r['dist_grad_x']:.1e}, {r['dist_grad_w']:.1e}", flush=True)
+    print(f"\nthe cross-entropy alone, from {args.rows} x {PADDED_VOCAB} bf16 logits: forward + "
+          "backward (TB/s: logits read once, gradient written once)")
+    for r in bench_cross_entropy_alone(device, rows=args.rows):
+        results.append(r)
+        print(f"{r['way']:<50} " + (f"failed: {r['failed']}" if "failed" in r else
+                                    f"{r['ms']:7.2f} {r['tb_s']:5.2f} TB/s"), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": args.rows,

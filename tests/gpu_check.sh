@@ -12,7 +12,8 @@
 #      and 30 and a checkpoint at the end (only if step 2 passed);
 #   4. the same 30 steps without --fused-ce: the baseline, on the same machine;
 #   5. bench.py fused-ce: the lm_head + cross-entropy alone at B=64, the compiled plain path
-#      against kernels.py's launch configurations, with their distance from it;
+#      against kernels.py's launch configurations, with their distance from it, then the
+#      cross-entropy alone with the kernel's bandwidth;
 #   6. a kernel-time profile of one training step at B=64 with --fused-ce, grouped as
 #      matmul / attention / cross-entropy / elementwise / optimizer, with each group's 8
 #      largest kernels, the next levers' candidates (bench.py profile);
@@ -123,7 +124,7 @@ profile() {  # profile NAME [FLAGS...]: bench.py profile at B=64
 # --- 5. the fused cross-entropy alone
 if [ "$kernels_ok" = 1 ] && [ "$SECONDS" -lt 330 ]; then
     section "lm_head + cross-entropy at B=64: compiled vs kernels.py"
-    timeout 90 "$PY" bench.py fused-ce --json "$work/fused_ce.json" 2>&1 \
+    timeout 120 "$PY" bench.py fused-ce --json "$work/fused_ce.json" 2>&1 \
         | tee "$out/fused_ce.txt" | tee -a "$out/summary.txt"
 fi
 

@@ -159,6 +159,11 @@ def test_bench_fused_ce_runs_every_launch_and_agrees():
     for r in rows:
         assert "failed" not in r and r["ms"] > 0
         assert max(r["dist_loss"], r["dist_grad_x"], r["dist_grad_w"]) < 2e-2, r
+    alone = list(bench.bench_cross_entropy_alone(DEVICE, rows=64, vocab=300, launches=launches,
+                                                 compile_plain=False, steps=1, warmup=0))
+    assert [r["way"] for r in alone] == ["F.cross_entropy", "kernel, block 256, 4 warps",
+                                         "kernel, block 128, 2 warps"]
+    assert all("failed" not in r and r["ms"] > 0 and r["tb_s"] > 0 for r in alone)
 
 
 def test_ladder_rung_takes_the_fused_path():
