@@ -473,8 +473,7 @@ def bench_fused_ce(device, rows=65536, n_embd=768, vocab=PADDED_VOCAB,
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, n_embd, generator=gen).to(device).requires_grad_()  # as ln_f's
     w = (0.02 * torch.randn(vocab, n_embd, generator=gen)).to(device).requires_grad_()
-    targets = torch.randint(GPT2_VOCAB if vocab > GPT2_VOCAB else vocab, (rows,),
-                            generator=gen).to(device)
+    targets = torch.randint(min(vocab, GPT2_VOCAB), (rows,), generator=gen).to(device)
 
     def plain(x, w, targets):
         return F.cross_entropy(F.linear(x, w), targets)
