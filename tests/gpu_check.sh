@@ -88,7 +88,7 @@ section "device"
 
 # --- 2. the kernels against the plain path, on the GPU
 section "kernel tests on the GPU"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 \
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 \
     | tee "$out/kernel_tests.txt" | tail -3 | tee -a "$out/summary.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] && kernels_ok=1 || kernels_ok=0
 
