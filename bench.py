@@ -8,7 +8,7 @@ alternatives.
     python bench.py cpu                        # every CPU benchmark, PASS/FAIL per target
     python bench.py cpu --only kvcache         # one of: tokenize loader hellaswag kvcache train
     python bench.py profile                    # where a GPT-2 training step's GPU time goes
-    python bench.py fused-ce                   # lm_head + cross-entropy: compiled vs kernels.py
+    python bench.py fused-ce                   # lm_head + cross-entropy: compiled vs fused_ce.py
 
 `ladder` trains for --steps steps per rung (after --warmup untimed ones) and each rung
 adds one optimisation to the rungs before it, in the lecture's order. Its A100 figures
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import fineweb
 import hellaswag
-import kernels
+import fused_ce
 from common import ArgumentParser, UserError, run_cli
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
 from tokenizer import GPT2_VOCAB, get_encoding
@@ -69,7 +69,7 @@ class Settings:
     fused_adamw: bool = False  # one kernel for the whole optimizer step
     huge_pages: bool = False  # 2 MB pages for big CPU tensors (train_gpt2.py on a CPU)
     cd_tuning: bool = False   # inductor tunes each Triton kernel's launch configuration
-    fused_ce: bool = False    # lm_head + cross-entropy through kernels.py (--fused-ce)
+    fused_ce: bool = False    # lm_head + cross-entropy through fused_ce.py (--fused-ce)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ RUNGS = [
 EXTRA_RUNGS = [
     # the CPU's own: without it every step faults the logits' memory in, 4 KB at a time
     Rung("huge pages", "huge_pages", cpu_only=True),
-    # kernels.py: the loss and the logits' gradient in one Triton kernel, in place, instead
+    # fused_ce.py: the loss and the logits' gradient in one Triton kernel, in place, instead
     # of the fp32 log-softmax, nll_loss's zero-filled gradient and their passes
     Rung("fused CE", "fused_ce", cuda_only=True),
     # The memory-bound kernels (layernorm, GELU, residual adds, casts) are Triton kernels
@@ -454,9 +454,9 @@ def run_profile(args):
 
 # -----------------------------------------------------------------------------
 # The fused cross-entropy alone: the model's last matmul and its loss, forward and backward,
-# at one micro step's shape, as the compiled model computes them and through kernels.py.
+# at one micro step's shape, as the compiled model computes them and through fused_ce.py.
 
-# (chunk rows, (columns per block, warps per program)) of kernels.py's function to time
+# (chunk rows, (columns per block, warps per program)) of fused_ce.py's function to time
 FUSED_CE_LAUNCHES = [(65536, (8192, 32)), (65536, (16384, 32)), (65536, (32768, 32)),
                      (65536, (4096, 8)), (16384, (8192, 32))]
 
@@ -483,7 +483,7 @@ def bench_fused_ce(device, rows=65536, n_embd=768, vocab=PADDED_VOCAB,
     for chunk, launch in launches:
         ways.append((f"fused, {chunk} rows/chunk, block {launch[0]}, {launch[1]} warps",
                      lambda x, w, t, c=chunk, la=launch:
-                     kernels.fused_linear_cross_entropy(x, w, t, c, la)))
+                     fused_ce.fused_linear_cross_entropy(x, w, t, c, la)))
     reference = None
     for name, fn in ways:
         try:
@@ -523,7 +523,7 @@ def time_loss(fn, x, w, targets, device_type, bf16, steps, warmup):
 def bench_cross_entropy_alone(device, rows=65536, vocab=PADDED_VOCAB, launches=FUSED_CE_LAUNCHES,
                               compile_plain=True, steps=10, warmup=3):
     """The loss and the logits' gradient alone, from bf16 logits (rows, vocab): the
-    compiled F.cross_entropy forward + backward against kernels.py's kernel at each launch.
+    compiled F.cross_entropy forward + backward against fused_ce.py's kernel at each launch.
     Yields {way, ms, TB/s}: the bandwidth counts the fewest bytes the work must move, the
     logits read once and their gradient written once (METHOD: the floor is that over the
     card's copy bandwidth, about 3.0 TB/s on an H100)."""
@@ -540,7 +540,7 @@ def bench_cross_entropy_alone(device, rows=65536, vocab=PADDED_VOCAB, launches=F
     ways = [("compiled F.cross_entropy" if compile_plain else "F.cross_entropy",
              lambda z: compiled(z.requires_grad_()).backward())]
     ways += [(f"kernel, block {la[0]}, {la[1]} warps",
-              lambda z, la=la: kernels.cross_entropy_rows(z, targets, 1 / rows, la))
+              lambda z, la=la: fused_ce.cross_entropy_rows(z, targets, 1 / rows, la))
              for la in dict.fromkeys(la for _, la in launches)]  # each launch once
     for name, fn in ways:
         try:
@@ -563,7 +563,7 @@ def run_fused_ce(args):
     device, device_type = resolve_device("auto")
     if device_type != "cuda":
         raise UserError("bench.py fused-ce times a Triton kernel on a CUDA GPU; on a CPU, "
-                        "tests/test_kernels.py checks its arithmetic")
+                        "tests/test_fused_ce.py checks its arithmetic")
     print(f"lm_head + cross-entropy, forward + backward, on {torch.cuda.get_device_name()}: "
           f"{args.rows} rows x 768 -> {PADDED_VOCAB}, bf16 autocast")
     print(f"{'way':<50} {'ms':>7} {'peak':>9}  distance from the first: loss, grad x, grad w")
@@ -857,10 +857,10 @@ def build_parser():
     prof.add_argument("--kernels", type=int, default=0, metavar="N",
                       help="also list each group's N largest kernels (default: none)")
     prof.add_argument("--fused-ce", action="store_true",
-                      help="with the loss through kernels.py (the ladder's fused CE rung)")
+                      help="with the loss through fused_ce.py (the ladder's fused CE rung)")
     prof.add_argument("--json", metavar="OUT", help="also write the table to this file")
     fce = sub.add_parser("fused-ce", help="lm_head + cross-entropy at one micro step's shape: "
-                         "compiled F.cross_entropy against kernels.py's launches")
+                         "compiled F.cross_entropy against fused_ce.py's launches")
     fce.add_argument("--rows", type=int, default=65536,
                      help="rows of logits, B*T (default: %(default)s, the gpt2 preset's B=64)")
     fce.add_argument("--json", metavar="OUT", help="also write the table to this file")

@@ -64,7 +64,7 @@ class TrainConfig:
     bf16: bool = opt(None, "bf16 autocast (default: on where the device does bf16 in "
                            "hardware: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX)")
     dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing")
-    fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (kernels.py; "
+    fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (fused_ce.py; "
                                 "CUDA only; off until a GPU has measured it faster)")
 
 

@@ -39,7 +39,7 @@ from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, ne
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
-from kernels import fused_loss_skipped_by_compile
+from fused_ce import fused_loss_skipped_by_compile
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
 
@@ -147,7 +147,7 @@ class GPT(nn.Module):
     def __init__(self, config, fused_ce=False):
         super().__init__()
         self.config = config
-        self.fused_loss = fused_loss_skipped_by_compile() if fused_ce else None  # kernels.py
+        self.fused_loss = fused_loss_skipped_by_compile() if fused_ce else None  # fused_ce.py
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),

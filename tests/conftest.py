@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Without a GPU, kernels.py's Triton kernels run in Triton's interpreter (test_kernels.py).
+# Without a GPU, fused_ce.py's Triton kernels run in Triton's interpreter (test_fused_ce.py).
 # Triton reads the switch once, when it is first imported, and transformers' models and
 # torch.compile import it early, so it is set here, before any test module is imported.
 if not torch.cuda.is_available():

@@ -4,7 +4,7 @@
 # brings back the most useful part:
 #   0. prerequisites, in the first seconds, each with what to do when it is missing;
 #   1. the device;
-#   2. tests/test_kernels.py on the GPU: kernels.py's compiled Triton kernel against the
+#   2. tests/test_fused_ce.py on the GPU: fused_ce.py's compiled Triton kernel against the
 #      plain PyTorch path (on a CPU the suite runs the same tests in Triton's interpreter);
 #   3. 30 steps of the real training loop, `--preset gpt2 --fused-ce` (B=64, T=1024, compile,
 #      bf16, fused AdamW, the fused lm_head + cross-entropy) through torchrun, on shards made
@@ -12,7 +12,7 @@
 #      and 30 and a checkpoint at the end (only if step 2 passed);
 #   4. the same 30 steps without --fused-ce: the baseline, on the same machine;
 #   5. bench.py fused-ce: the lm_head + cross-entropy alone at B=64, the compiled plain path
-#      against kernels.py's launch configurations, with their distance from it, then the
+#      against fused_ce.py's launch configurations, with their distance from it, then the
 #      cross-entropy alone with the kernel's bandwidth;
 #   6. a kernel-time profile of one training step at B=64 with --fused-ce, grouped as
 #      matmul / attention / cross-entropy / elementwise / optimizer, with each group's 8
@@ -88,7 +88,7 @@ section "device"
 
 # --- 2. the kernels against the plain path, on the GPU
 section "kernel tests on the GPU"
-timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 \
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_ce.py 2>&1 \
     | tee "$out/kernel_tests.txt" | tail -3 | tee -a "$out/summary.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] && kernels_ok=1 || kernels_ok=0
 
@@ -123,7 +123,7 @@ profile() {  # profile NAME [FLAGS...]: bench.py profile at B=64
 
 # --- 5. the fused cross-entropy alone
 if [ "$kernels_ok" = 1 ] && [ "$SECONDS" -lt 330 ]; then
-    section "lm_head + cross-entropy at B=64: compiled vs kernels.py"
+    section "lm_head + cross-entropy at B=64: compiled vs fused_ce.py"
     timeout 120 "$PY" bench.py fused-ce --json "$work/fused_ce.json" 2>&1 \
         | tee "$out/fused_ce.txt" | tee -a "$out/summary.txt"
 fi

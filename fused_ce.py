@@ -1,7 +1,7 @@
 """
 Hand-written GPU kernels (Triton) for what torch.compile leaves on the table in GPT-2's
 training step. Each is off by default, switched on by a train_gpt2.py flag, and timed as a
-rung of `bench.py ladder`; tests/test_kernels.py checks each against the plain PyTorch
+rung of `bench.py ladder`; tests/test_fused_ce.py checks each against the plain PyTorch
 path on a CPU, through Triton's interpreter (TRITON_INTERPRET=1).
 
 fused_linear_cross_entropy (--fused-ce): the lm_head matmul and the cross-entropy in one

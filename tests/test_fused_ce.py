@@ -1,4 +1,4 @@
-"""kernels.py against the plain PyTorch path it replaces. On a CPU the Triton kernel runs in
+"""fused_ce.py against the plain PyTorch path it replaces. On a CPU the Triton kernel runs in
 Triton's interpreter (TRITON_INTERPRET=1), which computes it with NumPy: the same program,
 so these tests check its arithmetic, not its speed. On a CUDA machine (tests/gpu_check.sh)
 the same tests run the compiled kernel."""
@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton", reason="the kernel tests need Triton: pip install triton")
 
-import kernels  # noqa: E402
+import fused_ce  # noqa: E402
 from common import UserError  # noqa: E402
 from config import TrainConfig, check_config  # noqa: E402
 from train_gpt2 import GPT, GPTConfig  # noqa: E402
@@ -50,7 +50,7 @@ def test_fused_linear_cross_entropy_equals_plain_fp32(chunk_rows):
     # second masked; 50 rows in chunks of 16 leave a short last chunk
     x, w, targets = lm_head_inputs(0, N=50, C=24, V=9001, w_std=0.5)
     fused = loss_and_grads(
-        lambda x, w: kernels.fused_linear_cross_entropy(x, w, targets, chunk_rows), x, w)
+        lambda x, w: fused_ce.fused_linear_cross_entropy(x, w, targets, chunk_rows), x, w)
     ref = loss_and_grads(lambda x, w: plain(x, w, targets), x, w)
     for name, a, b in zip(("loss", "grad x", "grad w"), fused, ref):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -64,7 +64,7 @@ def test_fused_linear_cross_entropy_bf16_matches_the_plain_autocast_path():
     # the error), hence the factor 3.
     x, w, targets = lm_head_inputs(1, N=64, C=48, V=1000, w_std=0.3)
     fused = loss_and_grads(
-        lambda x, w: kernels.fused_linear_cross_entropy(x, w, targets, 24), x, w, bf16=True)
+        lambda x, w: fused_ce.fused_linear_cross_entropy(x, w, targets, 24), x, w, bf16=True)
     autocast = loss_and_grads(lambda x, w: plain(x, w, targets), x, w, bf16=True)
     exact = loss_and_grads(lambda x, w: plain(x.double(), w.double(), targets), x, w)
     for name, a, b, e in zip(("loss", "grad x", "grad w"), fused, autocast, exact):
@@ -80,9 +80,9 @@ def test_cross_entropy_rows_loss_and_gradient_in_place():
     expected_loss = F.cross_entropy(logits, targets, reduction="none")
     expected_grad = (torch.softmax(logits, -1) - F.one_hot(targets, 300)) / 7
     z = logits.clone()
-    losses = kernels.cross_entropy_rows(z, targets)  # without a gradient, z is left alone
+    losses = fused_ce.cross_entropy_rows(z, targets)  # without a gradient, z is left alone
     assert torch.equal(z, logits) and torch.allclose(losses, expected_loss, atol=1e-5)
-    kernels.cross_entropy_rows(z, targets, grad_scale=1 / 7)
+    fused_ce.cross_entropy_rows(z, targets, grad_scale=1 / 7)
     assert torch.allclose(z, expected_grad, atol=1e-6)
 
 
@@ -193,15 +193,15 @@ def test_profile_takes_the_fused_path():
 # as the JIT specializes it for the gpt2 preset (16-byte aligned pointers, stride and columns
 # 50,304, divisible by 16), with Triton's own ptxas
 COMPILE_FOR_H100 = """
-import sys, triton, kernels
+import sys, triton, fused_ce
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 signature = {"logits_ptr": "*bf16", "stride": "i32", "targets_ptr": "*i64",
              "losses_ptr": "*fp32", "n_cols": "i32", "grad_scale": "fp32",
              "WRITE_GRAD": "constexpr", "BLOCK": "constexpr"}
 aligned = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-block, num_warps = kernels.LAUNCH
-source = ASTSource(kernels._cross_entropy_kernel(), signature,
+block, num_warps = fused_ce.LAUNCH
+source = ASTSource(fused_ce._cross_entropy_kernel(), signature,
                    {"WRITE_GRAD": True, "BLOCK": block}, aligned)
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps})
