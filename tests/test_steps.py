@@ -96,6 +96,18 @@ def test_every_step_is_small_and_says_how_to_run_it():
     assert not problems, "\n".join(problems)
 
 
+def test_refresh_counts_as_this_test_does():
+    """steps/refresh refuses what this test fails: both must count the same lines."""
+    listed = subprocess.run([os.path.join(ROOT, REFRESH), "--sizes"], check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    sizes = dict(reversed(line.split()) for line in listed if line.strip())
+    patches = sorted(name for name in os.listdir(STEPS) if name.endswith(".patch"))
+    assert sorted(sizes) == patches
+    for name in patches:
+        text = pathlib.Path(STEPS, name).read_text(encoding="utf-8", errors="replace")
+        assert int(sizes[name]) == code_lines(text), name
+
+
 def test_last_step_is_the_repository(series):
     repo, commits = series
     wanted = subprocess.run([os.path.join(ROOT, REFRESH), "--files"], check=True,
