@@ -1,6 +1,9 @@
 """steps/: the patch series that `git am` turns into the lecture's commit history. It
-applies to an empty repository; every step's Python compiles; every step's commands (the
-`Run:` lines of its message) run on a CPU; and the last step's files are the repository's.
+applies to an empty repository; every step is small (one idea: at most MAX_STEP_LINES
+changed lines of code, the last one at most MAX_LAST_STEP_LINES, so that no catch-all step
+grows at the end) and ends with a `Run:` line; every step's Python compiles; every step's
+commands (the `Run:` lines of its message) run on a CPU; and the last step's files are the
+repository's.
 
 The commands run as written, offline (tests/steps_runner.py stands in for the downloads),
 except that the repository's own steps train at a smaller size: the same code, with
@@ -8,6 +11,7 @@ SMALLER appended to their training commands."""
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -23,6 +27,9 @@ REFRESH = "steps/refresh"
 # layers, 128 wide, 4 x 128 and 8192: the same code, a tenth of the time
 SMALLER = ["--n-layer", "2", "--n-embd", "32", "--batch-size", "2", "--seq-len", "32",
            "--total-batch-size", "64", "--val-tokens", "256"]
+# the limits of steps/refresh and the README: lines changed in code files, per step
+MAX_STEP_LINES = 400
+MAX_LAST_STEP_LINES = 200
 # a git that needs no identity of the machine's and reads no configuration of the user's
 GIT_ENV = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
@@ -45,6 +52,60 @@ def series(tmp_path_factory):
     commits = git(repo, "rev-list", "--reverse", "HEAD", text=True).split()
     assert len(commits) == len(patches)
     return repo, [(c, git(repo, "log", "-1", "--format=%B", c, text=True)) for c in commits]
+
+
+def code_lines(patch_text):
+    """Lines a patch adds or removes in code files: input.txt, bench.py, tests/, docs/,
+    Markdown, notebooks and *.txt aside (steps/refresh counts the same way)."""
+    count = 0
+    for block in patch_text.split("\ndiff --git ")[1:]:
+        name = re.match(r"a/(\S+) b/", block).group(1)
+        if (name in ("input.txt", "bench.py") or name.startswith(("tests/", "docs/"))
+                or name.endswith((".md", ".ipynb", ".txt"))):
+            continue
+        count += sum(1 for line in block.splitlines()
+                     if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    return count
+
+
+def test_code_lines_counts_code_files_only():
+    patch = ("Subject: x\n\n+not a change: the message\n---\n"
+             "diff --git a/train_gpt2.py b/train_gpt2.py\n--- a/train_gpt2.py\n"
+             "+++ b/train_gpt2.py\n@@ -1,2 +1,2 @@\n-old\n+new\n+more\n context\n"
+             "diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/README.md\n"
+             "@@ -1 +1 @@\n-a\n+b\n"
+             "diff --git a/tests/test_x.py b/tests/test_x.py\n+x\n")
+    assert code_lines(patch) == 3
+
+
+def test_every_step_is_small_and_says_how_to_run_it():
+    patches = sorted(name for name in os.listdir(STEPS) if name.endswith(".patch"))
+    problems = []
+    for n, name in enumerate(patches, start=1):
+        text = pathlib.Path(STEPS, name).read_text(encoding="utf-8", errors="replace")
+        lines = code_lines(text)
+        limit = MAX_LAST_STEP_LINES if n == len(patches) else MAX_STEP_LINES
+        if lines > limit:
+            problems.append(f"{name} changes {lines} lines of code, more than {limit}"
+                            + (" for the last step: put each change in the step of its idea"
+                               if n == len(patches) else ": split it into steps of one idea"))
+        message = text.partition("\ndiff --git ")[0]
+        if not re.search(r"^Run: \S", message, re.M):
+            problems.append(f"{name} has no `Run:` line: end its message with the command "
+                            "that shows it")
+    assert not problems, "\n".join(problems)
+
+
+def test_refresh_counts_as_this_test_does():
+    """steps/refresh refuses what this test fails: both must count the same lines."""
+    listed = subprocess.run([os.path.join(ROOT, REFRESH), "--sizes"], check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    sizes = dict(reversed(line.split()) for line in listed if line.strip())
+    patches = sorted(name for name in os.listdir(STEPS) if name.endswith(".patch"))
+    assert sorted(sizes) == patches
+    for name in patches:
+        text = pathlib.Path(STEPS, name).read_text(encoding="utf-8", errors="replace")
+        assert int(sizes[name]) == code_lines(text), name
 
 
 def test_last_step_is_the_repository(series):
