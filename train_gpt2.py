@@ -663,44 +663,10 @@ def train_loop(run):
 # Setting up a run: the log dir, the data, the model, and where a resume starts
 
 
-def prepare_data(cfg, env):
-    """Shards for the run; for the shakespeare preset, tokenize input.txt once (cached)."""
-    if cfg.preset == "shakespeare" and not cfg.data_dir:
-        cfg.data_dir = os.path.join(HERE, "data", "shakespeare")
-        if env.master:
-            # the script's own cache, replaced when input.txt changes; 2**15 tokens per
-            # shard, so shard 0 (val) holds about a tenth of the text
-            fineweb.tokenize_local([os.path.join(HERE, "input.txt")], cfg.data_dir,
-                                   prefix="shakespeare", shard_size=2 ** 15, workers=1,
-                                   overwrite=True)
-        if env.ddp:
-            dist.barrier()
-    if not os.path.isdir(cfg.data_dir) or not fineweb.list_shards(cfg.data_dir, "train"):
-        raise UserError(f"no training shards in {cfg.data_dir}/: run `python fineweb.py` to "
-                        "make them (FineWeb-Edu, 10B tokens), or try "
-                        "`python train_gpt2.py --preset shakespeare`")
-    largest = fineweb.largest_token_id(cfg.data_dir)  # from the manifest: no shard is read
-    if largest is not None and largest >= cfg.vocab_size:
-        raise UserError(f"{cfg.data_dir}/ holds token id {largest}: use a --vocab-size above "
-                        f"it (now {cfg.vocab_size}; GPT-2's: 50304)")
-
-
-def load_hellaswag(cfg, env):
-    """The in-training eval's examples: rank 0 downloads the val split if it is not cached
-    yet, then the other ranks read it."""
-    if cfg.hellaswag_every <= 0:
-        return []
-    source = dict(split=None if cfg.hellaswag_jsonl else "val",
-                  jsonl=cfg.hellaswag_jsonl or None, limit=cfg.hellaswag_limit or None)
-    examples = hellaswag.load_examples(**source) if env.master else []
-    if env.ddp:
-        dist.barrier()
-    return examples or hellaswag.load_examples(**source)
-
-
 def start_run(cfg, env, ckpt):
     """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
-    prepare_data(cfg, env)
+    barrier = dist.barrier if env.ddp else None  # waits for every rank
+    fineweb.prepare_run_data(cfg, env.master, barrier)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if env.device_type == "cuda":
         torch.cuda.manual_seed(cfg.seed)
@@ -731,7 +697,8 @@ def start_run(cfg, env, ckpt):
                                                verbose=env.master)
     run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
               min(max(1, cfg.val_tokens // (B * T)), len(val_loader)), grad_accum_steps, bf16,
-              load_hellaswag(cfg, env), get_encoding(), os.path.join(cfg.log_dir, "log.txt"))
+              hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
+              os.path.join(cfg.log_dir, "log.txt"))
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
