@@ -1,10 +1,13 @@
 """
-The device a run uses, and what that device does well: bf16 in hardware or not, huge pages
-for a CPU's big tensors, the accelerator's peak FLOP/s for MFU.
+The device a run uses, and what that device does well: bf16 in hardware or not, the
+choices that follow from it (device_policy: dtype, compile, fused AdamW, pinned memory,
+GradScaler), huge pages for a CPU's big tensors, the accelerator's peak FLOP/s for MFU.
 """
 
 import contextlib
+import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -45,14 +48,67 @@ def bf16_native(device_type):
     return False
 
 
-def autocast(device_type, bf16=None):
-    """The context the forward runs in: bf16 autocast (matmuls in bf16, reductions like the
-    loss and softmax in fp32) or plain fp32. bf16=None: bf16 where the device is native."""
-    if bf16 is None:
-        bf16 = bf16_native(device_type)
-    if bf16:
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast at all
+
+
+def autocast(device_type, dtype=None):
+    """The context the forward runs in: bf16 or fp16 autocast (matmuls in the half type,
+    reductions like the loss and softmax in fp32) or plain fp32. dtype: "bf16", "fp16",
+    "fp32", True/False for bf16 or fp32, None for bf16 where the device is native."""
+    if dtype is None or isinstance(dtype, bool):
+        native = bf16_native(device_type) if dtype is None else dtype
+        dtype = "bf16" if native else "fp32"
+    if dtype in DTYPES:
+        return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a run does on a device: each field is a choice a flag may override."""
+    dtype: str  # "bf16", "fp16" or "fp32": --dtype, or under auto the device's pick
+    compile: bool  # torch.compile by default
+    fused_adamw: bool  # AdamW's one-kernel update
+    pin_memory: bool  # page-locked batches, so the copy to the device runs asynchronously
+    autocast_device: str  # the device_type torch.autocast is given
+    grad_scaler: bool  # fp16 needs a GradScaler: its gradients underflow without one
+
+    def describe(self):
+        precision = "fp32" if self.dtype == "fp32" else f"{self.dtype} autocast"
+        return (precision + (" with a GradScaler" if self.grad_scaler else "") +
+                f", torch.compile {'on' if self.compile else 'off'}")
+
+
+# torch's fused AdamW kernels exist for these device types (torch >= 2.5)
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "mps")
+
+
+def device_policy(device_type, has_bf16=False, capability=None, dtype="auto"):
+    """The choices for a device, from what it is and what it can do, and nothing else.
+    device_type: "cpu", "cuda" or "mps"; has_bf16: it multiplies bf16 in hardware;
+    capability: a CUDA GPU's (major, minor); dtype: --dtype, "auto" to let the device pick.
+
+    auto: bf16 where it is native; fp16 and a GradScaler on a CUDA GPU without bf16 whose
+    tensor cores do fp16 (compute capability 7.0 on: a V100 or a T4); otherwise fp32 (older
+    GPUs like the GTX 10 series run fp16 slower than fp32). MPS stays in fp32 under auto
+    until a Mac has measured its autocast faster, and gets no GradScaler, so no fp16."""
+    tensor_cores = device_type == "cuda" and (capability or (0, 0)) >= (7, 0)
+    if dtype == "auto":
+        dtype = "bf16" if has_bf16 else "fp16" if tensor_cores else "fp32"
+    if dtype == "fp16" and device_type == "mps":
+        raise UserError("--dtype fp16 needs a GradScaler, which this script does not run on "
+                        "mps: use --dtype bf16 or fp32")
+    # inductor's Triton kernels need compute capability 7.0 too (torch refuses older GPUs)
+    return DevicePolicy(dtype=dtype, compile=tensor_cores,
+                        fused_adamw=device_type in FUSED_ADAMW_DEVICES,
+                        pin_memory=device_type == "cuda", autocast_device=device_type,
+                        grad_scaler=dtype == "fp16")
+
+
+def policy_here(device_type, dtype="auto"):
+    """device_policy for this machine's device of that type."""
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
+    return device_policy(device_type, bf16_native(device_type), capability, dtype)
 
 
 def use_huge_pages():
@@ -80,3 +136,19 @@ def peak_flops(device_type):
         if all(word in name for word in key.split()):
             return flops
     return None  # unknown card: print tokens/s, leave MFU out rather than guess
+
+
+def run_policy(device_type, dtype="auto", compile=None):
+    """policy_here, with --compile or --no-compile on top of the device's default."""
+    policy = policy_here(device_type, dtype)
+    return policy if compile is None else dataclasses.replace(policy, compile=compile)
+
+
+def load_scaler(scaler, state):
+    """A checkpoint's GradScaler state into scaler -> the steps it had skipped. The
+    state of a run that was not in fp16 (or is not now) leaves the scaler as it is."""
+    state = dict(state or {})
+    skipped_steps = state.pop("skipped_steps", 0)
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+    return skipped_steps
