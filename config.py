@@ -15,9 +15,20 @@ from checkpoint import (newer_checkpoints, read_checkpoint, read_newest_checkpoi
                         spare_log_path)
 from common import ArgumentParser, UserError, launched_rank0
 
-def opt(default, help):
-    # a config field and its --flag's help in one place; build_parser() makes the flags
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default, help, parse=None):
+    # a config field and its --flag's help in one place; build_parser() makes the flags,
+    # which read their value with parse (default: the field's type)
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
+
+
+def micro_batch(text):
+    """--batch-size: a number of rows, or 'auto' for the largest that fits (device.py)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of rows nor 'auto'")
 
 
 @dataclass
@@ -37,7 +48,9 @@ class TrainConfig:
     # 20 steps of 8 x 64 x 1024 tokens, as build-nanogpt evaluated
     val_tokens: int = opt(10_485_760, "tokens of the val split per evaluation")
     # optimization: build-nanogpt's recipe for GPT-2 (124M) on 10B tokens
-    batch_size: int = opt(64, "micro batch B: rows per forward pass")
+    batch_size: int = opt(64, "micro batch B: rows per forward pass, or auto: on CUDA the "
+                              "largest of B, B/2, ... that fits (the preset's B elsewhere)",
+                          parse=micro_batch)
     seq_len: int = opt(1024, "tokens per row (T)")
     # ~0.5M tokens per step, as GPT-3 Small
     total_batch_size: int = opt(2 ** 19, "tokens per optimizer step; gradient accumulation "
@@ -101,6 +114,11 @@ PRESETS = {
 }
 
 
+def preset_micro_batch(preset):
+    """The micro-batch a preset sets, where --batch-size auto starts."""
+    return PRESETS[preset].get("batch_size", TrainConfig.batch_size)
+
+
 def build_parser():
     p = ArgumentParser(description="Train GPT-2 from scratch, or use a checkpoint.",
                        argument_default=argparse.SUPPRESS)
@@ -119,7 +137,7 @@ def build_parser():
         elif f.name == "dtype":
             flag(name, choices=("auto", "bf16", "fp16", "fp32"), help=help)
         else:
-            flag(name, type=f.type, help=help)
+            flag(name, type=f.metadata["parse"] or f.type, help=help)
     # commands other than training
     flag("--resume", nargs="?", const="latest",
          help="continue the newest checkpoint in --log-dir, or the one given")
@@ -190,6 +208,8 @@ def resume_config(saved, given, path):
     from the checkpoint's value is refused with one line."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in fold_bf16(saved).items() if k in fields})
+    if given.get("batch_size") == "auto":  # auto chose the checkpoint's micro-batch
+        given = {k: v for k, v in given.items() if k != "batch_size"}
     for key, value in given.items():
         if key not in RESUME_MAY_CHANGE and value != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")

@@ -1,15 +1,18 @@
 """
 The device a run uses, and what that device does well: bf16 in hardware or not, the
 choices that follow from it (device_policy: dtype, compile, fused AdamW, pinned memory,
-GradScaler), huge pages for a CPU's big tensors, the accelerator's peak FLOP/s for MFU.
+GradScaler), the largest micro-batch that fits a GPU (--batch-size auto), huge pages for a
+CPU's big tensors, the accelerator's peak FLOP/s for MFU.
 """
 
 import contextlib
 import dataclasses
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from common import UserError
 
@@ -144,6 +147,62 @@ def run_policy(device_type, dtype="auto", compile=None):
     return policy if compile is None else dataclasses.replace(policy, compile=compile)
 
 
+# -----------------------------------------------------------------------------
+# --batch-size auto: the largest micro-batch that fits the GPU
+
+
+def fits(build, B, T, device):
+    """Whether a forward, backward and optimizer step on B rows of T tokens runs without
+    running out of CUDA memory. build() -> (model, optimizer), fresh: the model is called
+    as model(idx, targets) -> (logits, loss), in the form the run trains it."""
+    out_of_memory = False
+    try:
+        model, optimizer = build()
+        x = torch.zeros((B, T), dtype=torch.long, device=device)  # (B, T)
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+    except torch.cuda.OutOfMemoryError:
+        out_of_memory = True  # free below, outside the handler: its traceback holds tensors
+    model = optimizer = x = loss = None
+    torch.compiler.reset()  # compiled code holds on to the model it was compiled for
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return not out_of_memory
+
+
+def fit_micro_batch(build, start, T, total_batch_size, device_type, device="cpu",
+                    dtype="fp32", world_size=1):
+    """--batch-size auto: on CUDA, the largest of start, start/2, ... rows for which
+    fits() holds; on a CPU or MPS, start (their memory is the machine's, and running out
+    of it is swapping, not an error to catch). Under torchrun every rank takes the
+    smallest micro-batch any rank found, so that all take the same steps.
+    -> (B, the line that says what was chosen)"""
+    B, memory = start, f"the preset's on {device_type}"
+    if device_type == "cuda":
+        while B >= 1:
+            torch.cuda.reset_peak_memory_stats(device)
+            with autocast(device_type, dtype):
+                ok = fits(build, B, T, device)
+            if ok:
+                break
+            B //= 2
+        if B < 1:
+            raise UserError(f"CUDA out of memory at micro-batch 1 x {T}: even one row does "
+                            "not fit; use a smaller model or --seq-len")
+        peak = torch.cuda.max_memory_reserved(device) / 2 ** 30
+        total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        memory = f"{peak:.1f} of {total:.0f} GiB"
+    if dist.is_available() and dist.is_initialized():
+        smallest = torch.tensor([B], device=device if device_type == "cuda" else "cpu")
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        if smallest.item() < B:
+            B, memory = int(smallest.item()), "another rank's"
+    micro_steps = total_batch_size // (B * T * world_size)
+    return B, f"micro-batch {B} x {T} (auto, {memory}), {micro_steps} micro steps"
+
+
 def load_scaler(scaler, state):
     """A checkpoint's GradScaler state into scaler -> the steps it had skipped. The
     state of a run that was not in fp16 (or is not now) leaves the scaler as it is."""
@@ -152,3 +211,10 @@ def load_scaler(scaler, state):
     if scaler.is_enabled() and state:
         scaler.load_state_dict(state)
     return skipped_steps
+
+
+def out_of_memory_error(B, T):
+    """The one line for a CUDA out-of-memory error at a fixed --batch-size."""
+    hint = f"--batch-size {B // 2}, or " if B > 1 else "a smaller model or --seq-len, or "
+    return UserError(f"CUDA out of memory at micro-batch {B} x {T}: try {hint}"
+                     "--batch-size auto")

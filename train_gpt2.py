@@ -37,9 +37,9 @@ from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, ne
                         open_log_dir, read_run_checkpoint, rng_state,
                         save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
-from config import check_config, parse_config, resume_from
-from device import (autocast, load_scaler, peak_flops, resolve_device, run_policy,
-                    use_huge_pages)
+from config import check_config, parse_config, preset_micro_batch, resume_from
+from device import (autocast, fit_micro_batch, load_scaler, out_of_memory_error, peak_flops,
+                    resolve_device, run_policy, use_huge_pages)
 from fused_ce import fused_loss_skipped_by_compile
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
@@ -681,7 +681,7 @@ def train_loop(run):
 
 def build_model(cfg, env, policy, verbose=False):
     """A fresh GPT of cfg's shape on env's device -> (it, it compiled or not, its AdamW):
-    what start_run trains."""
+    what start_run trains, and what --batch-size auto's probe tries."""
     raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
                     fused_ce=cfg.fused_ce).to(env.device)
@@ -744,6 +744,12 @@ def train(cfg, ckpt=None):
     try:
         policy = run_policy(env.device_type, cfg.dtype, cfg.compile)
         cfg.dtype = policy.dtype  # the checkpoint keeps what the run trains in
+        if cfg.batch_size == "auto":  # the largest micro-batch that fits (device.py)
+            cfg.batch_size, line = fit_micro_batch(
+                lambda: build_model(cfg, env, policy)[1:], preset_micro_batch(cfg.preset),
+                cfg.seq_len, cfg.total_batch_size, env.device_type, env.device, cfg.dtype,
+                env.world_size)
+            env.print0(line)
         check_config(cfg, env.world_size, env.device_type)
         if env.master:
             lock = open_log_dir(cfg.log_dir, ckpt["run_id"] if ckpt else None)
@@ -751,6 +757,8 @@ def train(cfg, ckpt=None):
         if run.start_step >= cfg.max_steps and run.start_evaluated:
             env.print0(f"the run is complete: step {run.start_step} of --max-steps {cfg.max_steps}")
         train_loop(run)
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory_error(cfg.batch_size, cfg.seq_len) from None
     finally:
         if lock is not None:
             lock.release()

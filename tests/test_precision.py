@@ -1,5 +1,5 @@
-"""Mixed precision and devices: the device policy, and --dtype (fp16 with a GradScaler on a
-CPU)."""
+"""Mixed precision and devices: the device policy, --dtype (fp16 with a GradScaler on a
+CPU), and --batch-size auto's probe with an injected CUDA out-of-memory error."""
 import os
 import signal
 import subprocess
@@ -127,3 +127,92 @@ def test_fp16_sigkill_then_resume_is_bitwise_identical(shards, tmp_path):
             for d in (straight, killed))
     assert a["scaler"]["scale"] == 65536.0 and a["scaler"] == b["scaler"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ----------------------------------------------------------------------------- batch_fit
+
+def fake_cuda_memory(monkeypatch):
+    # the CUDA memory statistics the probe reads, on a machine without CUDA
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 19.5 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Props", (), {"total_memory": 24 * 2 ** 30}))
+
+
+def tiny_build(largest_that_fits, tried):
+    """build() for fit_micro_batch: a tiny GPT on the CPU whose forward raises CUDA's
+    out-of-memory error above `largest_that_fits` rows."""
+    def build():
+        model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=32, vocab_size=512, n_layer=1,
+                                                    n_head=2, n_embd=16))
+        forward = model.forward
+
+        def forward_or_oom(idx, targets=None):
+            tried.append(idx.size(0))
+            if idx.size(0) > largest_that_fits:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
+            return forward(idx, targets)
+        model.forward = forward_or_oom
+        return model, model.configure_optimizers(0.1, 1e-3, "cpu")
+    return build
+
+
+def test_batch_fit_halves_on_out_of_memory(monkeypatch):
+    fake_cuda_memory(monkeypatch)
+    tried = []
+    B, line = device.fit_micro_batch(tiny_build(20, tried), 64, 32, 2 ** 14, "cuda")
+    assert tried == [64, 32, 16] and B == 16
+    assert line == "micro-batch 16 x 32 (auto, 19.5 of 24 GiB), 32 micro steps"
+    with pytest.raises(UserError, match="micro-batch 1 x 32: even one row"):
+        device.fit_micro_batch(tiny_build(0, []), 4, 32, 2 ** 14, "cuda")
+
+
+def test_batch_fit_ranks_take_the_smallest(monkeypatch):
+    fake_cuda_memory(monkeypatch)
+
+    def all_reduce_with_a_rank_that_fit_8(tensor, op):
+        assert op == torch.distributed.ReduceOp.MIN
+        tensor.clamp_(max=8)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce_with_a_rank_that_fit_8)
+    B, line = device.fit_micro_batch(tiny_build(64, []), 64, 32, 2 ** 14, "cuda",
+                                     world_size=2)
+    assert B == 8 and line == "micro-batch 8 x 32 (auto, another rank's), 32 micro steps"
+
+
+def test_batch_fit_auto_on_a_cpu_keeps_the_preset_and_resumes(shards, tmp_path, capsys):
+    args = TINY + ["--preset", "shakespeare", "--batch-size", "auto", "--max-steps", "2",
+                   "--checkpoint-every", "2", "--data-dir", shards]
+    log_dir = str(tmp_path / "auto")
+    assert run_cli(train_gpt2.main, args + ["--log-dir", log_dir]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 4 x 32 (auto, the preset's on cpu), 2 micro steps" in out
+    ckpt = torch.load(os.path.join(log_dir, "model_00002.pt"), weights_only=True)
+    assert ckpt["config"]["batch_size"] == 4
+    # a resume with auto reuses the checkpoint's micro-batch; another number is refused
+    assert run_cli(train_gpt2.main, args + ["--log-dir", log_dir, "--resume",
+                                            "--max-steps", "3"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert run_cli(train_gpt2.main, TINY + ["--preset", "shakespeare", "--batch-size", "8",
+                                            "--resume", "--log-dir", log_dir]) == 1
+    assert "trained with --batch-size 4" in capsys.readouterr().err
+
+
+def test_batch_fit_fixed_batch_out_of_memory_is_one_line(shards, tmp_path, monkeypatch,
+                                                          capsys):
+    def out_of_memory(self, idx, targets=None, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    monkeypatch.setattr(train_gpt2.GPT, "forward", out_of_memory)
+    assert run_cli(train_gpt2.main, TINY + ["--data-dir", shards, "--log-dir",
+                                            str(tmp_path / "oom")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: CUDA out of memory at micro-batch 4 x 32: try --batch-size 2, or "
+        "--batch-size auto"]
+
+
+def test_batch_size_flag_reads_a_number_or_auto():
+    assert config.parse_config(["--batch-size", "auto"])[0].batch_size == "auto"
+    assert config.parse_config(["--batch-size", "8"])[0].batch_size == 8
+    with pytest.raises(SystemExit):
+        config.parse_config(["--batch-size", "many"])
