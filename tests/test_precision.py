@@ -109,6 +109,30 @@ def test_an_inf_gradient_is_skipped_and_the_scale_backs_off(shards, tmp_path, mo
                                       weights_only=True)["model"]["lm_head.weight"])
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_an_inf_loss_stops_only_a_run_without_a_scaler(shards, tmp_path, monkeypatch, capsys,
+                                                       dtype):
+    forward, calls = train_gpt2.GPT.forward, []
+
+    def forward_with_inf_loss(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        calls.append(idx.shape)
+        return logits, loss * float("inf") if len(calls) == 5 else loss  # step 2
+
+    monkeypatch.setattr(train_gpt2.GPT, "forward", forward_with_inf_loss)
+    log_dir = tmp_path / dtype
+    status = run_cli(train_gpt2.main, TINY + [
+        "--dtype", dtype, "--max-steps", "4", "--eval-every", "0", "--checkpoint-every", "1",
+        "--keep-checkpoints", "0", "--data-dir", shards, "--log-dir", str(log_dir)])
+    log = {(step, stream): value for step, stream, value in read_log(str(log_dir))}
+    if dtype == "fp16":  # the scaler skipped the step, and the run went on
+        assert status == 0 and log[2, "train"] == float("inf") and log[3, "skipped"] == 1
+    else:  # nothing to recover it: one line, and no checkpoint after the last good one
+        assert status == 1
+        assert "the loss is inf at step 2" in capsys.readouterr().err
+        assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00001.pt", "model_00002.pt"]
+
+
 def test_fp16_sigkill_then_resume_is_bitwise_identical(shards, tmp_path):
     args = TINY + ["--dtype", "fp16", "--max-steps", "10", "--checkpoint-every", "5",
                    "--keep-checkpoints", "0", "--data-dir", shards]
