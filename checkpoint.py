@@ -298,6 +298,11 @@ def read_log(path):
     return streams
 
 
+# what a training step logs (scale and skipped: fp16's GradScaler); the other streams are
+# evaluations, which run before the step of the same number
+TRAIN_STREAMS = ("train", "scale", "skipped")
+
+
 def trim_log(log_path, step, keep_evaluations=True):
     """A resumed run repeats what came after its checkpoint: drop those lines, so the log
     reads as one run (evaluations at the checkpoint's step ran before it was saved, unless
@@ -317,7 +322,7 @@ def trim_log(log_path, step, keep_evaluations=True):
             else:
                 kept_bad += line.strip() != ""
                 keep.append(line)
-        elif entry[0] > step or (entry[0] == step and (entry[1] == "train"
+        elif entry[0] > step or (entry[0] == step and (entry[1] in TRAIN_STREAMS
                                                         or not keep_evaluations)):
             past_checkpoint = True
         else:

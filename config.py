@@ -15,9 +15,20 @@ from checkpoint import (newer_checkpoints, read_checkpoint, read_newest_checkpoi
                         spare_log_path)
 from common import ArgumentParser, UserError, launched_rank0
 
-def opt(default, help):
-    # a config field and its --flag's help in one place; build_parser() makes the flags
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default, help, parse=None):
+    # a config field and its --flag's help in one place; build_parser() makes the flags,
+    # which read their value with parse (default: the field's type)
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
+
+
+def micro_batch(text):
+    """--batch-size: a number of rows, or 'auto' for the largest that fits (device.py)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of rows nor 'auto'")
 
 
 @dataclass
@@ -37,7 +48,9 @@ class TrainConfig:
     # 20 steps of 8 x 64 x 1024 tokens, as build-nanogpt evaluated
     val_tokens: int = opt(10_485_760, "tokens of the val split per evaluation")
     # optimization: build-nanogpt's recipe for GPT-2 (124M) on 10B tokens
-    batch_size: int = opt(64, "micro batch B: rows per forward pass")
+    batch_size: int = opt(64, "micro batch B: rows per forward pass, or auto: on CUDA the "
+                              "largest of B, B/2, ... that fits (the preset's B elsewhere)",
+                          parse=micro_batch)
     seq_len: int = opt(1024, "tokens per row (T)")
     # ~0.5M tokens per step, as GPT-3 Small
     total_batch_size: int = opt(2 ** 19, "tokens per optimizer step; gradient accumulation "
@@ -61,8 +74,11 @@ class TrainConfig:
     log_dir: str = opt("log", "where log.txt and checkpoints go")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = opt(None, "torch.compile the model (default: on with CUDA)")
-    bf16: bool = opt(None, "bf16 autocast (default: on where the device does bf16 in "
-                           "hardware: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX)")
+    dtype: str = opt("auto", "auto, bf16, fp16 or fp32: the autocast dtype; auto picks bf16 "
+                             "where the device does it in hardware (Ampere+ GPUs, CPUs with "
+                             "AVX512-BF16 or AMX), fp16 with a GradScaler on older CUDA GPUs, "
+                             "else fp32")
+    bf16: bool = opt(None, "the same as --dtype bf16; --no-bf16 is --dtype fp32")
     dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing")
     fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (fused_ce.py; "
                                 "CUDA only; off until a GPU has measured it faster)")
@@ -98,6 +114,11 @@ PRESETS = {
 }
 
 
+def preset_micro_batch(preset):
+    """The micro-batch a preset sets, where --batch-size auto starts."""
+    return PRESETS[preset].get("batch_size", TrainConfig.batch_size)
+
+
 def build_parser():
     p = ArgumentParser(description="Train GPT-2 from scratch, or use a checkpoint.",
                        argument_default=argparse.SUPPRESS)
@@ -113,8 +134,10 @@ def build_parser():
             flag(name, choices=sorted(PRESETS), help=help)
         elif f.type is bool:
             flag(name, action=argparse.BooleanOptionalAction, help=help)
+        elif f.name == "dtype":
+            flag(name, choices=("auto", "bf16", "fp16", "fp32"), help=help)
         else:
-            flag(name, type=f.type, help=help)
+            flag(name, type=f.metadata["parse"] or f.type, help=help)
     # commands other than training
     flag("--resume", nargs="?", const="latest",
          help="continue the newest checkpoint in --log-dir, or the one given")
@@ -156,7 +179,19 @@ def parse_config(argv):
 def given_fields(args):
     """The TrainConfig fields set by a flag on the command line."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in fields}
+    return fold_bf16({k: v for k, v in vars(args).items() if k in fields})
+
+
+def fold_bf16(values):
+    """--bf16/--no-bf16 are spellings of --dtype bf16/fp32: turn one into the other, so
+    that dtype alone decides (a checkpoint from before --dtype stored bf16 only)."""
+    if values.get("bf16") is None:
+        return values
+    dtype = "bf16" if values["bf16"] else "fp32"
+    if values.get("dtype", "auto") not in ("auto", dtype):
+        raise UserError(f"--{'' if values['bf16'] else 'no-'}bf16 means --dtype {dtype}, "
+                        f"not --dtype {values['dtype']}: give one of the two")
+    return dict(values, dtype=dtype, bf16=None)
 
 
 # What a resumed run may set anew. The rest (the model, the batch, the optimizer, the
@@ -164,7 +199,7 @@ def given_fields(args):
 RESUME_MAY_CHANGE = {"max_steps", "eval_every", "val_tokens", "hellaswag_every",
                      "hellaswag_jsonl", "hellaswag_limit", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "log_dir", "data_dir", "device", "compile", "bf16",
-                     "dist_timeout", "fused_ce"}
+                     "dtype", "dist_timeout", "fused_ce"}
 
 
 def resume_config(saved, given, path):
@@ -172,7 +207,9 @@ def resume_config(saved, given, path):
     top the flags given on the command line that may change. Another flag that differs
     from the checkpoint's value is refused with one line."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    cfg = TrainConfig(**{k: v for k, v in fold_bf16(saved).items() if k in fields})
+    if given.get("batch_size") == "auto":  # auto chose the checkpoint's micro-batch
+        given = {k: v for k, v in given.items() if k != "batch_size"}
     for key, value in given.items():
         if key not in RESUME_MAY_CHANGE and value != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")

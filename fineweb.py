@@ -46,6 +46,8 @@ from common import (ArgumentParser, DirLock, UserError, atomic_write, hub_offlin
                     hub_unreachable, run_cli)
 from tokenizer import EOT, get_encoding
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 MAGIC = 20240520   # llm.c's shard magic (dev/data/data_common.py, write_datafile)
 VERSION = 1        # llm.c's version 1: tokens are uint16
 HEADER_INTS = 256  # the header is 256 int32: magic, version, token count, then zeros
@@ -621,6 +623,30 @@ def tokenize_fineweb(out_dir="edu_fineweb10B", *, name="sample-10BT", prefix="ed
            "tokenizer": "gpt2, EOT before each document"}
     return build_shards(_fineweb_sources(name, streaming), key, out_dir, prefix, shard_size,
                         workers or os.cpu_count() or 1, overwrite)
+
+
+def prepare_run_data(cfg, master=True, barrier=None):
+    """The shards of a training run (config.TrainConfig cfg): for the shakespeare preset,
+    input.txt tokenized once (cached); then the run's shards checked before any is read.
+    master: this process tokenizes; barrier: waits for every rank (None: one process)."""
+    if cfg.preset == "shakespeare" and not cfg.data_dir:
+        cfg.data_dir = os.path.join(HERE, "data", "shakespeare")
+        if master:
+            # the script's own cache, replaced when input.txt changes; 2**15 tokens per
+            # shard, so shard 0 (val) holds about a tenth of the text
+            tokenize_local([os.path.join(HERE, "input.txt")], cfg.data_dir,
+                           prefix="shakespeare", shard_size=2 ** 15, workers=1,
+                           overwrite=True)
+        if barrier is not None:
+            barrier()
+    if not os.path.isdir(cfg.data_dir) or not list_shards(cfg.data_dir, "train"):
+        raise UserError(f"no training shards in {cfg.data_dir}/: run `python fineweb.py` to "
+                        "make them (FineWeb-Edu, 10B tokens), or try "
+                        "`python train_gpt2.py --preset shakespeare`")
+    largest = largest_token_id(cfg.data_dir)  # from the manifest: no shard is read
+    if largest is not None and largest >= cfg.vocab_size:
+        raise UserError(f"{cfg.data_dir}/ holds token id {largest}: use a --vocab-size above "
+                        f"it (now {cfg.vocab_size}; GPT-2's: 50304)")
 
 
 def main(argv=None):

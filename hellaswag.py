@@ -371,6 +371,20 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
 # The command line.
 
 
+def load_for_training(cfg, master=True, barrier=None):
+    """The examples of a training run's eval (config.TrainConfig cfg): the master process
+    downloads the val split if it is not cached yet, then the other ranks read it.
+    barrier: waits for every rank (None: one process)."""
+    if cfg.hellaswag_every <= 0:
+        return []
+    source = dict(split=None if cfg.hellaswag_jsonl else "val",
+                  jsonl=cfg.hellaswag_jsonl or None, limit=cfg.hellaswag_limit or None)
+    examples = load_examples(**source) if master else []
+    if barrier is not None:
+        barrier()
+    return examples or load_examples(**source)
+
+
 def load_hf_model(name_or_path, device):
     """Any causal LM transformers can load (a hub name or a saved directory) ->
     (callable idx -> logits, block size)."""

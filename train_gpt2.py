@@ -37,8 +37,9 @@ from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, ne
                         open_log_dir, read_run_checkpoint, rng_state,
                         save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
-from config import check_config, parse_config, resume_from
-from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
+from config import check_config, parse_config, preset_micro_batch, resume_from
+from device import (autocast, fit_micro_batch, load_scaler, out_of_memory_error, peak_flops,
+                    resolve_device, run_policy, use_huge_pages)
 from fused_ce import fused_loss_skipped_by_compile
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
@@ -319,8 +320,8 @@ class DataLoaderLite:
     token id past it stops the run with the shard's name."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=0,
-                 vocab_size=None):
-        self.B, self.T = B, T
+                 vocab_size=None, pin_memory=False):
+        self.B, self.T, self.pin_memory = B, T, pin_memory
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
         self.paths = fineweb.list_shards(data_dir, split)
@@ -364,6 +365,7 @@ class DataLoaderLite:
         if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
             raise UserError(f"{self.paths[shard]} holds token id {int(buf.max())}: use a "
                             f"--vocab-size above it (now {self.vocab_size}; GPT-2's: 50304)")
+        buf = buf.pin_memory() if self.pin_memory else buf  # so .to(cuda) need not wait
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
     def next_batch(self):
@@ -461,14 +463,14 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, n_windows, env, bf16=None):
+def evaluate_loss(model, loader, n_windows, env, dtype=None):
     """Mean loss over the first n_windows windows of the val split. The windows are the
     same for any number of ranks (each takes a stride), so val losses compare across runs."""
     model.eval()
     total = torch.zeros(2, device=env.device)  # sum of window losses, number of windows
     for i in range(env.rank, n_windows, env.world_size):
         x, y = loader.window(i)
-        with autocast(env.device_type, bf16):
+        with autocast(env.device_type, dtype):
             _, loss = model(x.to(env.device), y.to(env.device))
         total[0] += loss.float()
         total[1] += 1
@@ -477,12 +479,12 @@ def evaluate_loss(model, loader, n_windows, env, bf16=None):
     return (total[0] / total[1]).item()
 
 
-def evaluate_hellaswag(model, examples, env, bf16, enc):
+def evaluate_hellaswag(model, examples, env, dtype, enc):
     """acc_norm over the examples, each rank scoring its share. -> (acc_norm, count)"""
     # the uncompiled module: eval shapes vary by example, and must not recompile
     n, _, correct_norm = hellaswag.evaluate(
         lambda idx: model(idx)[0], examples, device=env.device,
-        autocast=lambda: autocast(env.device_type, bf16), rank=env.rank,
+        autocast=lambda: autocast(env.device_type, dtype), rank=env.rank,
         world_size=env.world_size, enc=enc, block_size=model.config.block_size)
     counts = all_reduce_sum(torch.tensor([n, correct_norm], device=env.device), env)
     return counts[1].item() / max(1, counts[0].item()), counts[0].item()
@@ -513,13 +515,15 @@ class Run:
     val_loader: DataLoaderLite
     val_windows: int
     grad_accum_steps: int
-    bf16: bool
+    dtype: str  # "bf16", "fp16" or "fp32"
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a no-op) otherwise
     hella_examples: list
     enc: object
     log_path: str
     start_step: int = 0
     val_loss: float = None
     start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
+    skipped_steps: int = 0  # steps the GradScaler skipped for an inf or NaN gradient
     run_id: str = dataclasses.field(default_factory=new_run_id)  # a resume keeps its run's
 
 
@@ -537,20 +541,25 @@ def train_step(run, step):
         # is nothing to average yet, so skip the communication
         sync = not env.ddp or micro_step == run.grad_accum_steps - 1
         with (contextlib.nullcontext() if sync else model.no_sync()):
-            with autocast(env.device_type, run.bf16):
+            with autocast(env.device_type, run.dtype):
                 _, loss = model(x, y)
             # gradients add up over micro steps, but the objective is the MEAN over
             # the whole batch: divide each micro batch's mean loss by their number
             loss = loss / run.grad_accum_steps
             loss_accum += loss.detach()
-            loss.backward()
+            # fp16: the loss times the loss scale, so small gradients don't round to zero
+            run.scaler.scale(loss).backward()
     loss_accum = all_reduce_sum(loss_accum, env) / env.world_size
+    run.scaler.unscale_(optimizer)  # the clip and the logged norm see the true gradients
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
     lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps,
                 cfg.max_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    scale = run.scaler.get_scale()
+    run.scaler.step(optimizer)  # no update where a gradient is inf or NaN, and then
+    run.scaler.update()  # a halved scale: so a skipped step is one whose scale fell
+    run.skipped_steps += run.scaler.get_scale() < scale
     return loss_accum, norm, lr
 
 
@@ -564,7 +573,8 @@ def save_run(run, step, evaluated=True):
             "model_config": dataclasses.asdict(run.raw_model.config),
             "config": dataclasses.asdict(run.cfg), "optimizer": run.optimizer.state_dict(),
             "val_loss": run.val_loss, "train_loader": run.train_loader.state_dict(),
-            "rng": rng, "evaluated": evaluated, "run_id": run.run_id}
+            "rng": rng, "evaluated": evaluated, "run_id": run.run_id,
+            "scaler": dict(run.scaler.state_dict(), skipped_steps=run.skipped_steps)}
     path = save_checkpoint(ckpt, run.cfg.log_dir, step, run.cfg.keep_checkpoints)
     print(f"saved {path}")
     return path
@@ -581,9 +591,15 @@ def speed(run, seconds_per_step):
 
 
 def log_step(run, step, loss, norm, lr, dt, clock):
-    eta = hms(clock.per_step(dt) * (run.cfg.max_steps - step - 1))
-    record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-           f"{1000 * dt:.1f} ms | {speed(run, dt)} | {clock.elapsed()} elapsed, ETA {eta}")
+    eta, scaling = hms(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
+    if run.scaler.is_enabled():  # fp16: the loss scale, and the steps skipped so far
+        scaling = f" | scale {run.scaler.get_scale():g}, {run.skipped_steps} skipped"
+        if run.env.master:
+            log_line(run.log_path, step, "scale", run.scaler.get_scale())
+            log_line(run.log_path, step, "skipped", run.skipped_steps)
+    record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
+           f"{scaling} | {1000 * dt:.1f} ms | {speed(run, dt)} | {clock.elapsed()} elapsed, "
+           f"ETA {eta}")
 
 
 def record(run, step, stream, value, text):
@@ -618,11 +634,11 @@ def train_loop(run):
             fresh = step > run.start_step or not run.start_evaluated
             if fresh and every(cfg.eval_every, step, last):
                 run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_windows,
-                                             env, run.bf16)
+                                             env, run.dtype)
                 first_val = run.val_loss if first_val is None else first_val
                 record(run, step, "val", run.val_loss, f"val loss {run.val_loss:.4f}")
             if fresh and run.hella_examples and every(cfg.hellaswag_every, step, last):
-                acc, n = evaluate_hellaswag(run.raw_model, run.hella_examples, env, run.bf16,
+                acc, n = evaluate_hellaswag(run.raw_model, run.hella_examples, env, run.dtype,
                                             run.enc)
                 record(run, step, "hella", acc, f"HellaSwag acc_norm {acc:.4f} ({n} examples)")
             if env.master and fresh and step > 0 and every(cfg.sample_every, step, last):
@@ -633,13 +649,13 @@ def train_loop(run):
             if last:
                 break
 
-            t0 = time.time()
+            t0, skipped = time.time(), run.skipped_steps
             loss, norm, lr = train_step(run, step)
             if env.device_type == "cuda":
                 torch.cuda.synchronize()  # wait for the GPU before reading the clock
             dt = time.time() - t0
             loss = loss.item()
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) and run.skipped_steps == skipped:  # no scaler saved it
                 raise UserError(f"the loss is {loss} at step {step}: training diverged; the "
                                 "newest checkpoint is the last good one (lower --max-lr and "
                                 "--resume)")
@@ -663,44 +679,21 @@ def train_loop(run):
 # Setting up a run: the log dir, the data, the model, and where a resume starts
 
 
-def prepare_data(cfg, env):
-    """Shards for the run; for the shakespeare preset, tokenize input.txt once (cached)."""
-    if cfg.preset == "shakespeare" and not cfg.data_dir:
-        cfg.data_dir = os.path.join(HERE, "data", "shakespeare")
-        if env.master:
-            # the script's own cache, replaced when input.txt changes; 2**15 tokens per
-            # shard, so shard 0 (val) holds about a tenth of the text
-            fineweb.tokenize_local([os.path.join(HERE, "input.txt")], cfg.data_dir,
-                                   prefix="shakespeare", shard_size=2 ** 15, workers=1,
-                                   overwrite=True)
-        if env.ddp:
-            dist.barrier()
-    if not os.path.isdir(cfg.data_dir) or not fineweb.list_shards(cfg.data_dir, "train"):
-        raise UserError(f"no training shards in {cfg.data_dir}/: run `python fineweb.py` to "
-                        "make them (FineWeb-Edu, 10B tokens), or try "
-                        "`python train_gpt2.py --preset shakespeare`")
-    largest = fineweb.largest_token_id(cfg.data_dir)  # from the manifest: no shard is read
-    if largest is not None and largest >= cfg.vocab_size:
-        raise UserError(f"{cfg.data_dir}/ holds token id {largest}: use a --vocab-size above "
-                        f"it (now {cfg.vocab_size}; GPT-2's: 50304)")
+def build_model(cfg, env, policy, verbose=False):
+    """A fresh GPT of cfg's shape on env's device -> (it, it compiled or not, its AdamW):
+    what start_run trains, and what --batch-size auto's probe tries."""
+    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
+                    fused_ce=cfg.fused_ce).to(env.device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
+                                               verbose=verbose, fused=policy.fused_adamw)
+    return raw_model, torch.compile(raw_model) if policy.compile else raw_model, optimizer
 
 
-def load_hellaswag(cfg, env):
-    """The in-training eval's examples: rank 0 downloads the val split if it is not cached
-    yet, then the other ranks read it."""
-    if cfg.hellaswag_every <= 0:
-        return []
-    source = dict(split=None if cfg.hellaswag_jsonl else "val",
-                  jsonl=cfg.hellaswag_jsonl or None, limit=cfg.hellaswag_limit or None)
-    examples = hellaswag.load_examples(**source) if env.master else []
-    if env.ddp:
-        dist.barrier()
-    return examples or hellaswag.load_examples(**source)
-
-
-def start_run(cfg, env, ckpt):
+def start_run(cfg, env, policy, ckpt):
     """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
-    prepare_data(cfg, env)
+    barrier = dist.barrier if env.ddp else None  # waits for every rank
+    fineweb.prepare_run_data(cfg, env.master, barrier)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if env.device_type == "cuda":
         torch.cuda.manual_seed(cfg.seed)
@@ -711,27 +704,22 @@ def start_run(cfg, env, ckpt):
     env.print0(f"total batch {cfg.total_batch_size:,} tokens = {B} x {T} x {env.world_size} "
                f"ranks x {grad_accum_steps} micro steps")
     train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, env.rank, env.world_size,
-                                  shuffle=cfg.shuffle, seed=cfg.seed, vocab_size=cfg.vocab_size)
+                                  shuffle=cfg.shuffle, seed=cfg.seed, vocab_size=cfg.vocab_size,
+                                  pin_memory=policy.pin_memory)
     val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, env.rank, env.world_size,
                                 vocab_size=cfg.vocab_size)
 
-    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
-                    fused_ce=cfg.fused_ce).to(env.device)
+    raw_model, eval_model, optimizer = build_model(cfg, env, policy, verbose=env.master)
     env.print0(f"model: {num_params(raw_model):,} parameters")
-    use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_native(env.device_type)
-    env.print0(f"device {env.device}: {'bf16 autocast' if bf16 else 'fp32'}, "
-               f"torch.compile {'on' if use_compile else 'off'}")
-    eval_model = torch.compile(raw_model) if use_compile else raw_model
+    env.print0(f"device {env.device}: {policy.describe()}")
     model = eval_model
     if env.ddp:
         model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
-                                               verbose=env.master)
+    scaler = torch.amp.GradScaler(env.device_type, enabled=policy.grad_scaler)
     run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
-              min(max(1, cfg.val_tokens // (B * T)), len(val_loader)), grad_accum_steps, bf16,
-              load_hellaswag(cfg, env), get_encoding(), os.path.join(cfg.log_dir, "log.txt"))
+              min(max(1, cfg.val_tokens // (B * T)), len(val_loader)), grad_accum_steps,
+              policy.dtype, scaler, hellaswag.load_for_training(cfg, env.master, barrier),
+              get_encoding(), os.path.join(cfg.log_dir, "log.txt"))
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -739,6 +727,7 @@ def start_run(cfg, env, ckpt):
         set_rng_state(ckpt["rng"], env.device_type, env.rank)
         run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
         run.start_evaluated = ckpt.get("evaluated", True)
+        run.skipped_steps = load_scaler(scaler, ckpt.get("scaler"))
         if env.master:
             trim_log(run.log_path, run.start_step, keep_evaluations=run.start_evaluated)
     return run
@@ -753,13 +742,23 @@ def train(cfg, ckpt=None):
     env = setup_distributed(device, cfg.dist_timeout)
     lock = None
     try:
+        policy = run_policy(env.device_type, cfg.dtype, cfg.compile)
+        cfg.dtype = policy.dtype  # the checkpoint keeps what the run trains in
+        if cfg.batch_size == "auto":  # the largest micro-batch that fits (device.py)
+            cfg.batch_size, line = fit_micro_batch(
+                lambda: build_model(cfg, env, policy)[1:], preset_micro_batch(cfg.preset),
+                cfg.seq_len, cfg.total_batch_size, env.device_type, env.device, cfg.dtype,
+                env.world_size)
+            env.print0(line)
         check_config(cfg, env.world_size, env.device_type)
         if env.master:
             lock = open_log_dir(cfg.log_dir, ckpt["run_id"] if ckpt else None)
-        run = start_run(cfg, env, ckpt)
+        run = start_run(cfg, env, policy, ckpt)
         if run.start_step >= cfg.max_steps and run.start_evaluated:
             env.print0(f"the run is complete: step {run.start_step} of --max-steps {cfg.max_steps}")
         train_loop(run)
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory_error(cfg.batch_size, cfg.seq_len) from None
     finally:
         if lock is not None:
             lock.release()

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 import bench
+import device
 import fineweb
-import train_gpt2
 from bench import ExplicitAttention, Settings, Shape, build_model, time_training
 from conftest import run
 
@@ -80,7 +80,7 @@ def test_ladder_runs_end_to_end(tmp_path):
     rows = {row["rung"]: row for row in json.loads(out.read_text())["rungs"]}
     assert list(rows) == [r.name for r in bench.RUNGS + bench.EXTRA_RUNGS]
     measured = ["fp32", "flash attention", "vocab 50304", "fused AdamW", "huge pages"]
-    if train_gpt2.bf16_native("cpu"):
+    if device.bf16_native("cpu"):
         measured.append("bf16 autocast")
     else:
         assert rows["bf16 autocast"]["skipped"] == "no bf16 in this device's hardware"
