@@ -34,10 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fineweb
 import hellaswag
 from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, new_run_id,
-                        open_log_dir, read_run_checkpoint, rng_state,
+                        lost_rank_error, open_log_dir, read_run_checkpoint, rng_state,
                         save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
-from config import check_config, parse_config, resume_from
+from config import check_config, parse_config, resume_from, val_windows
 from device import autocast, bf16_native, peak_flops, resolve_device, use_huge_pages
 from fused_ce import fused_loss_skipped_by_compile
 from plot import save_plot
@@ -545,7 +545,7 @@ def train_step(run, step):
             loss_accum += loss.detach()
             loss.backward()
     loss_accum = all_reduce_sum(loss_accum, env) / env.world_size
-    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or math.inf)
     lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps,
                 cfg.max_steps)
     for group in optimizer.param_groups:
@@ -638,8 +638,7 @@ def train_loop(run):
             if env.device_type == "cuda":
                 torch.cuda.synchronize()  # wait for the GPU before reading the clock
             dt = time.time() - t0
-            loss = loss.item()
-            if not math.isfinite(loss):
+            if not math.isfinite(loss := loss.item()):
                 raise UserError(f"the loss is {loss} at step {step}: training diverged; the "
                                 "newest checkpoint is the last good one (lower --max-lr and "
                                 "--resume)")
@@ -701,9 +700,8 @@ def load_hellaswag(cfg, env):
 def start_run(cfg, env, ckpt):
     """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
     prepare_data(cfg, env)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # every device's generator: the same weights on every rank
     if env.device_type == "cuda":
-        torch.cuda.manual_seed(cfg.seed)
         # TF32 for fp32 matmuls (10 bits of mantissa instead of 23): the lecture's 3x
         torch.set_float32_matmul_precision("high")
     B, T = cfg.batch_size, cfg.seq_len
@@ -730,7 +728,7 @@ def start_run(cfg, env, ckpt):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
                                                verbose=env.master)
     run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
-              min(max(1, cfg.val_tokens // (B * T)), len(val_loader)), grad_accum_steps, bf16,
+              val_windows(cfg, len(val_loader)), grad_accum_steps, bf16,
               load_hellaswag(cfg, env), get_encoding(), os.path.join(cfg.log_dir, "log.txt"))
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
@@ -760,6 +758,8 @@ def train(cfg, ckpt=None):
         if run.start_step >= cfg.max_steps and run.start_evaluated:
             env.print0(f"the run is complete: step {run.start_step} of --max-steps {cfg.max_steps}")
         train_loop(run)
+    except RuntimeError as e:  # a collective that failed because another rank died
+        raise (env.ddp and lost_rank_error(e, cfg.log_dir)) or e
     finally:
         if lock is not None:
             lock.release()
