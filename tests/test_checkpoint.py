@@ -179,10 +179,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path):
     shards, straight, _ = reference
     log_dir = tmp_path / "nan"
     log_dir.mkdir()
-    # a checkpoint whose run has an absurd learning rate: the weights blow up within a
-    # step or two of the resume
+    # a checkpoint with a weight gone bad (--max-lr is at most 1, so no flag blows the
+    # weights up any more): the first step's loss is nan
     ckpt = torch.load(os.path.join(straight, f"model_{N:05d}.pt"), weights_only=True)
-    ckpt["config"]["max_lr"] = 1e30
+    ckpt["model"]["transformer.h.0.ln_1.weight"][0] = float("nan")
     torch.save(ckpt, log_dir / f"model_{N:05d}.pt")
     out = run(["train_gpt2.py", "--log-dir", str(log_dir), "--resume"], check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr
