@@ -34,7 +34,8 @@ class TrainConfig:
     block_size: int = opt(1024, "longest sequence the model can see", AT_LEAST_1)
     # 50257 padded to a multiple of 128: matmuls on GPUs like round numbers; token ids are
     # uint16 in the shards
-    vocab_size: int = opt(50304, "embedding rows (50304: GPT-2's 50257 padded)", Range(1, 65536))
+    vocab_size: int = opt(50304, "embedding rows (50304: GPT-2's 50257 padded)",
+                          Range(1, 65536))
     # data
     data_dir: str = opt("edu_fineweb10B", "directory of PREFIX_train_N/PREFIX_val_N shards "
                                           "(fineweb.py)")
@@ -47,14 +48,16 @@ class TrainConfig:
     # ~0.5M tokens per step, as GPT-3 Small
     total_batch_size: int = opt(2 ** 19, "tokens per optimizer step; gradient accumulation "
                                          "fills the gap", AT_LEAST_1)
-    max_steps: int = opt(19073, "optimizer steps, where the cosine ends", AT_LEAST_1)  # 10B / 2**19
+    # 10B / 2**19
+    max_steps: int = opt(19073, "optimizer steps, where the cosine ends", AT_LEAST_1)
     # GPT-3's 375M tokens / 2**19
     warmup_steps: int = opt(715, "steps of linear warmup", Range(1, zero="none"))
     # an Adam step moves each weight by about lr: past 1, nothing is learned
     max_lr: float = opt(6e-4, "peak learning rate", Range(0, 1, above=True))
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak", Range(0, 1))
     # decoupled decay shrinks the weights by lr * weight_decay every step
-    weight_decay: float = opt(0.1, "AdamW weight decay on 2-D parameters", Range(0, above=True, zero="none"))
+    weight_decay: float = opt(0.1, "AdamW weight decay on 2-D parameters",
+                              Range(0, above=True, zero="none"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this",
                            Range(0, above=True, zero="no clipping"))
     # torch.manual_seed takes 64 bits
