@@ -61,6 +61,7 @@ ROWS = [
     ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/bad_shards", "--log-dir", "{tmp}/log1"],
      ["shorter than the 1024-byte header"]),
     ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/empty"], ["{tmp}/empty", "shards"]),
+    ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/nowhere"], ["{tmp}/nowhere", "shards"]),
     ("train_gpt2.py", TINY + ["--log-dir", "{tmp}/notes.txt"], ["is a file, not a directory"]),
     ("train_gpt2.py", TINY + ["--vocab-size", "100", "--data-dir", "{tmp}/shards"],
      ["holds token id", "--vocab-size"]),

@@ -195,15 +195,17 @@ def test_a_lost_rank_is_one_line_with_the_resume_command(single_run):
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGKILL)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode != 0
+    assert p.returncode != 0, out
     ours = [ln for ln in out.splitlines() if ln.startswith("error: ")]
     assert len(ours) == 1 and "train_gpt2.py\", line" not in out, out
     step, cause = int(ours[0].split()[7]), ours[0].split("(")[1].split(")")[0]
-    assert cause in checkpoint.PEER_LOST  # gloo: "Connection closed by peer", or "reset"
+    assert cause in checkpoint.PEER_LOST, out  # gloo: "Connection closed by peer", or "reset"
     newest = checkpoint.list_checkpoints(log_dir)[-1]
-    assert checkpoint.read_checkpoint(newest)["step"] == step - step % 2  # intact
+    # intact, and at most one --checkpoint-every behind (the loss may come between the
+    # log line of a step and the checkpoint after it)
+    assert step - 2 <= checkpoint.read_checkpoint(newest)["step"] <= step, out
     assert ours[0] == (
         f"error: a rank was lost at step {step} ({cause}); the newest intact "
         f"checkpoint is {newest}: continue with `torchrun --standalone --nproc_per_node=2 "
         f"train_gpt2.py {' '.join(TINY)} --max-steps 100000 --checkpoint-every 2 --eval-every "
-        f"0 --data-dir {shards} --log-dir {log_dir} --resume`")
+        f"0 --data-dir {shards} --log-dir {log_dir} --resume`"), out

@@ -1,4 +1,4 @@
-"""The training script end to end on the CPU: the embedded default, the one-line errors,
+"""The training script end to end on the CPU: the embedded default, the ranges of its flags,
 the learning-rate schedule, and importing without side effects."""
 import dataclasses
 import os
@@ -137,36 +137,6 @@ def test_shakespeare_preset_end_to_end(tmp_path):
     assert "sample 3: Hello, I'm a language model," in out.stdout
     assert f"val loss: {val[0]:.4f} at the first evaluation, {val[-1]:.4f} at the end" in out.stdout
     assert "tok/s" in out.stdout
-
-
-BAD_INPUT = [
-    (["--preset", "gpt3"], "invalid choice"),
-    (["--total-batch-size", "1000", "--data-dir", "{shards}"], "not divisible by B*T*world_size"),
-    (["--seq-len", "64", "--data-dir", "{shards}"], "longer than the model's block size"),
-    (["--data-dir", "{tmp}/nowhere"], "run `python fineweb.py`"),
-    (["--device", "tpu", "--data-dir", "{shards}"], "unknown device"),
-    (["--device", "cuda", "--data-dir", "{shards}"], "no CUDA"),
-    (["--resume", "--data-dir", "{shards}", "--log-dir", "{tmp}/empty"], "no checkpoint in"),
-    (["--sample"], "--sample needs --checkpoint"),
-    (["--sample", "--checkpoint", "{tmp}/missing.pt"], "no checkpoint at"),
-    (["--plot", "{tmp}/empty"], "no log.txt"),
-]
-
-
-@pytest.mark.parametrize("args,message", BAD_INPUT)
-def test_user_errors_are_one_line(tmp_path, shards, capsys, args, message):
-    if "--device" in args and "cuda" in args and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    args = [a.format(shards=shards, tmp=tmp_path) for a in args]
-    base = TINY + ["--log-dir", str(tmp_path / "log")]
-    try:
-        status = run_cli(train_gpt2.main, base + args)
-    except SystemExit as e:  # argparse's own errors
-        status = e.code
-    assert status not in (0, None)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1]
-    assert len(err) <= 2  # argparse adds its usage line; ours is one line
 
 
 def test_missing_fineweb_shards_is_one_line_without_traceback(tmp_path):
