@@ -1,8 +1,9 @@
 """
 What every script of this repository shares: the one error class for mistakes a user can
-fix and the way an entry point reports them, a quick look at whether the network answers
-before a download, files that appear whole or not at all, and a lock that keeps two
-processes out of one directory.
+fix and the way an entry point reports them, the range each numeric flag accepts, the
+cause of a failed write in words, a quick look at whether the network answers before a
+download, files that appear whole or not at all, and a lock that keeps two processes out
+of one directory.
 
 Only the standard library: every module can import it, fineweb.py's workers included,
 without paying for torch.
@@ -55,6 +56,10 @@ def run_cli(main, argv=None):
         if rank0:
             print("interrupted", file=sys.stderr)
         return 130
+
+# -----------------------------------------------------------------------------
+# Command lines: argparse's errors in one line, the range of every numeric flag, and the
+# cause of a failed write in words
 
 
 class Range:
@@ -154,6 +159,8 @@ def os_error_message(e, path, kept="", then="run again"):
     (the newest checkpoint, say) and what to do."""
     todo = ("free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
             "choose a writable place" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            else "move it or choose another path" if e.errno in (errno.ENOTDIR, errno.EEXIST,
+                                                                 errno.EISDIR)
             else "fix that")
     return f"cannot write {path}: {os_error_cause(e)}; {kept + ': ' if kept else ''}{todo}, " \
            f"then {then}"

@@ -63,8 +63,6 @@ ROWS = [
     ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/empty"], ["{tmp}/empty", "shards"]),
     ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/nowhere"], ["{tmp}/nowhere", "shards"]),
     ("train_gpt2.py", TINY + ["--log-dir", "{tmp}/notes.txt"], ["is a file, not a directory"]),
-    ("train_gpt2.py", TINY + ["--vocab-size", "100", "--data-dir", "{tmp}/shards"],
-     ["holds token id", "--vocab-size"]),
     ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/shards", "--hellaswag-every", "1",
                               "--hellaswag-jsonl", "{tmp}/nowhere.jsonl"], ["no such file"]),
     # --sample
