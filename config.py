@@ -77,8 +77,9 @@ class TrainConfig:
     compile: bool = opt(None, "torch.compile the model (default: on with CUDA)")
     bf16: bool = opt(None, "bf16 autocast (default: on where the device does bf16 in "
                            "hardware: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX)")
+    # a week: far past any collective's time, and inside what a timedelta holds
     dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing",
-                            AT_LEAST_1)
+                            Range(1, 7 * 24 * 60))
     fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (fused_ce.py; "
                                 "CUDA only; off until a GPU has measured it faster)")
 
@@ -148,7 +149,9 @@ def build_parser():
          help="continuations to sample (default: %(default)s)")
     flag("--max-new-tokens", type=int, default=32, range=AT_LEAST_1,
          help="tokens per continuation (default: %(default)s)")
-    flag("--temperature", type=float, default=1.0, range=Range(0, above=True, zero="greedy"),
+    # logits / temperature overflow float32 for a temperature near 1e-38: 0.01 is already
+    # greedy in all but ties
+    flag("--temperature", type=float, default=1.0, range=Range(0.01, zero="greedy"),
          help="softmax temperature of sampling (default: %(default)s)")
     flag("--top-k", type=int, default=50, range=AT_LEAST_1,
          help="sample among the k likeliest tokens (default: %(default)s)")

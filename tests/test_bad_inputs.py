@@ -45,7 +45,8 @@ ROWS = [
     ("train_gpt2.py", ["--n-head", "0"], ["--n-head 0", "at least 1", "default 12"]),
     ("train_gpt2.py", ["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
     ("train_gpt2.py", ["--val-tokens", "0"], ["--val-tokens 0", "at least 1"]),
-    ("train_gpt2.py", ["--dist-timeout", "0"], ["--dist-timeout 0", "at least 1"]),
+    ("train_gpt2.py", ["--dist-timeout", "0"], ["--dist-timeout 0", "1 to 10080"]),
+    ("train_gpt2.py", ["--dist-timeout", "10000000000000"], ["1 to 10080"]),  # timedelta's end
     ("train_gpt2.py", ["--vocab-size", "70000"], ["--vocab-size 70000", "1 to 65536"]),
     ("train_gpt2.py", ["--keep-checkpoints", "-1"], ["--keep-checkpoints -1", "0 (all)"]),
     ("train_gpt2.py", ["--eval-every", "-1"], ["--eval-every -1", "0 (never)"]),
@@ -77,6 +78,7 @@ ROWS = [
     ("train_gpt2.py", SAMPLE + ["--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
     ("train_gpt2.py", SAMPLE + ["--temperature", "nan"], ["--temperature nan", "0 (greedy)"]),
     ("train_gpt2.py", SAMPLE + ["--temperature", "-0.5"], ["--temperature -0.5"]),
+    ("train_gpt2.py", SAMPLE + ["--temperature", "1e-300"], ["at least 0.01"]),  # logits overflow
     ("train_gpt2.py", SAMPLE + ["--top-k", "0"], ["--top-k 0", "default 50"]),
     ("train_gpt2.py", SAMPLE + ["--prompt", ""], ["a non-empty --prompt"]),
     # --export-hf
