@@ -199,6 +199,27 @@ def kept(log_dir):
     return "no checkpoint was saved yet", "run again"
 
 
+# How PyTorch says that memory ran out: CUDA's and MPS's errors, the CPU allocator's
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
+
+
+def run_failure(e, log_dir, ddp):
+    """The UserError for a RuntimeError of a training run that the user can act on: memory
+    ran out (building the model or in a step), or, under torchrun, another rank died.
+    None for anything else: a bug keeps its traceback."""
+    if isinstance(e, torch.OutOfMemoryError) or any(s in str(e) for s in OUT_OF_MEMORY):
+        # the allocator's words and the size, without the C++ source position and the
+        # per-device breakdown that follow
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        first = re.sub(r"^\[enforce fail[^]]*\]\s*(err == 0\.\s*)?", "", first)
+        what = re.split(r"\. (?:Error code|GPU \d)", first)[0]
+        newest = newest_intact(log_dir)
+        return UserError(f"out of memory ({what[:150]}): lower --batch-size (gradient "
+                         "accumulation keeps --total-batch-size) or the model's size"
+                         + (f"; the newest intact checkpoint is {newest}" if newest else ""))
+    return lost_rank_error(e, log_dir) if ddp else None
+
+
 # How a collective fails when another rank has died: gloo loses its TCP connection, NCCL
 # reports an error or its watchdog a timeout (--dist-timeout)
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL",
@@ -214,7 +235,7 @@ def lost_rank_error(e, log_dir):
         return None
     steps = [entry[0] for line in open_or_empty(os.path.join(log_dir, "log.txt"))
              if (entry := parse_log_line(line)) and entry[1] == "train"]
-    newest = next((path for path in reversed(list_checkpoints(log_dir)) if intact(path)), None)
+    newest = newest_intact(log_dir)
     command = resume_command(sys.argv, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                              int(os.environ.get("WORLD_SIZE", 1)))
     return UserError(f"a rank was lost at step {steps[-1] + 1 if steps else 0} "
@@ -246,12 +267,15 @@ def open_or_empty(path):
         return []
 
 
-def intact(path):
-    try:
-        check_crc(path)
-        return True
-    except (zipfile.BadZipFile, EOFError, OSError):
-        return False
+def newest_intact(log_dir):
+    """The newest checkpoint in log_dir whose bytes all match their CRC-32s, or None."""
+    for path in reversed(list_checkpoints(log_dir)):
+        try:
+            check_crc(path)
+            return path
+        except (zipfile.BadZipFile, EOFError, OSError):
+            continue
+    return None
 
 
 def open_log_dir(log_dir, run_id=None):

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fineweb
 import hellaswag
 from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, new_run_id,
-                        lost_rank_error, open_log_dir, read_run_checkpoint, rng_state,
+                        open_log_dir, read_run_checkpoint, rng_state, run_failure,
                         save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, resume_from, val_windows
@@ -758,8 +758,8 @@ def train(cfg, ckpt=None):
         if run.start_step >= cfg.max_steps and run.start_evaluated:
             env.print0(f"the run is complete: step {run.start_step} of --max-steps {cfg.max_steps}")
         train_loop(run)
-    except RuntimeError as e:  # a collective that failed because another rank died
-        raise (env.ddp and lost_rank_error(e, cfg.log_dir)) or e
+    except RuntimeError as e:  # out of memory, or a collective whose peer rank died
+        raise run_failure(e, cfg.log_dir, env.ddp) or e
     finally:
         if lock is not None:
             lock.release()

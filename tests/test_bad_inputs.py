@@ -58,6 +58,10 @@ ROWS = [
     ("train_gpt2.py", TINY + ["--device", "cuda:0"], ["no CUDA GPU"]),
     ("train_gpt2.py", TINY + ["--device", "tpu"], ["unknown device 'tpu'"]),
     ("train_gpt2.py", TINY + ["--fused-ce"], ["--fused-ce runs a Triton kernel", "not on cpu"]),
+    # 512 TB of position embeddings: past any address space, so refused at once whatever
+    # the kernel's overcommit policy
+    ("train_gpt2.py", TINY + ["--block-size", str(2 ** 42), "--data-dir", "{tmp}/shards"],
+     ["out of memory (DefaultCPUAllocator: can't allocate memory", "lower --batch-size"]),
     # training: data, log dir and HellaSwag file that cannot be used
     ("train_gpt2.py", TINY + ["--data-dir", "{tmp}/bad_shards", "--log-dir", "{tmp}/log1"],
      ["shorter than the 1024-byte header"]),

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import checkpoint
 import train_gpt2
@@ -125,3 +126,15 @@ def test_a_second_ctrl_c_under_torchrun_is_reported_once(monkeypatch, capsys, ra
     monkeypatch.setenv("RANK", rank)
     assert run_cli(interrupted) == 130
     assert capsys.readouterr().err == printed
+
+
+def test_out_of_memory_on_a_gpu_is_one_line(tmp_path):
+    # torch.cuda's own exception, as a GPU raises it in a step: the allocator's words and
+    # the size, without the per-device breakdown that follows them
+    e = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+                               "total capacity of 79.19 GiB of which 1.06 GiB is free.")
+    assert str(checkpoint.run_failure(e, str(tmp_path), ddp=False)) == (
+        "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower --batch-size "
+        "(gradient accumulation keeps --total-batch-size) or the model's size")
+    # any other RuntimeError is a bug, and keeps its traceback
+    assert checkpoint.run_failure(RuntimeError("shape mismatch"), str(tmp_path), True) is None
