@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import hf_model, load_pretrained, read_run_checkpoint
-from common import ArgumentParser, Range, UserError, atomic_write, run_cli, unreachable
+from common import (OS_ERROR_CAUSES, ArgumentParser, Range, UserError, atomic_write,
+                    os_error_message, run_cli, unreachable)
 from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
 
@@ -121,6 +122,8 @@ def download_split(split, cache_dir, url=None, num_examples=None):
                         f.write(chunk)
                         bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+            if getattr(e, "errno", None) in OS_ERROR_CAUSES:  # the disk, not the network
+                raise HellaSwagError(os_error_message(e, path)) from None
             raise failed(getattr(e, "reason", None) or e) from None
         f.flush()
         got = count_examples(f.name)

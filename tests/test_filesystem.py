@@ -8,9 +8,10 @@ import os
 import pytest
 
 import checkpoint
+import hellaswag
 import train_gpt2
 from common import UserError, run_cli
-from conftest import TINY, fill
+from conftest import EXAMPLES, TINY, fill, write_jsonl
 
 RUN = TINY + ["--max-steps", "6", "--checkpoint-every", "2", "--eval-every", "0"]
 
@@ -82,3 +83,14 @@ def test_a_file_where_a_directory_should_be(tmp_path, capsys):
     path = tiny_checkpoint(tmp_path / "ckpt")
     assert run_cli(train_gpt2.main, ["--export-hf", str(out_dir), "--checkpoint", path]) == 1
     assert "a file stands where a directory should be" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_downloading_hellaswag(tmp_path, small_fs):
+    # a file:// URL: the download reads a local file, so no network is needed
+    source = write_jsonl(tmp_path / "upstream.jsonl", EXAMPLES * 20)
+    cache = small_fs("4k")
+    with pytest.raises(UserError) as e:
+        hellaswag.download_split("val", cache, url="file://" + source, num_examples=200)
+    assert str(e.value) == (f"cannot write {cache}/hellaswag_val.jsonl: no space left on the "
+                            "device; free some space, then run again")  # not "without internet"
+    assert os.listdir(cache) == []
