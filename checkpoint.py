@@ -182,7 +182,8 @@ def save_checkpoint(ckpt, log_dir, step, keep=0):
     except (OSError, RuntimeError) as e:  # torch.save hides a full disk in a RuntimeError
         if os_error_in(e) is None:
             raise
-        raise CheckpointError(os_error_message(os_error_in(e), path, *kept(log_dir))) from None
+        raise CheckpointError(os_error_message(os_error_in(e), path, *what_was_kept(log_dir))) \
+            from None
     if keep > 0:
         older = [p for p in list_checkpoints(log_dir)
                  if checkpoint_step(p) < step and run_of(p) == ckpt["run_id"]]
@@ -190,12 +191,13 @@ def save_checkpoint(ckpt, log_dir, step, keep=0):
             os.remove(old)
     return path
 
-def kept(log_dir):
+
+def what_was_kept(log_dir):
     """-> (what a failed write in log_dir left intact, what to run then), for
     os_error_message."""
-    previous = list_checkpoints(log_dir)
-    if previous:
-        return f"the checkpoint {previous[-1]} is intact", "--resume"
+    newest = newest_intact(log_dir)
+    if newest:
+        return f"the checkpoint {newest} is intact", "--resume"
     return "no checkpoint was saved yet", "run again"
 
 
@@ -247,13 +249,13 @@ def lost_rank_error(e, log_dir):
 def resume_command(argv, local_world_size, world_size):
     """The torchrun command that continues a run launched with train_gpt2.py's argv: the
     same flags, --resume (without a PATH: the newest intact checkpoint) at the end."""
-    kept, i = [], 0
+    same, i = [], 0
     while i < len(argv):
-        kept += [] if argv[i] in ("--resume", "--rewind") else [argv[i]]
+        same += [] if argv[i] in ("--resume", "--rewind") else [argv[i]]
         path_follows = argv[i] == "--resume" and i + 1 < len(argv) \
             and not argv[i + 1].startswith("-")
         i += 2 if path_follows else 1
-    args = shlex.join(kept + ["--resume"])
+    args = shlex.join(same + ["--resume"])
     if local_world_size == world_size:  # one node
         return f"torchrun --standalone --nproc_per_node={local_world_size} {args}"
     return f"torchrun ... {args} on every node"
@@ -353,8 +355,8 @@ def log_line(log_path, step, stream, value):
         with open(log_path, "a") as f:
             f.write(f"{step} {stream} {value}\n")  # repr: the shortest text that reads back exactly
     except OSError as e:  # a full disk; a log dir made read-only under a running run
-        raise UserError(os_error_message(e, log_path, *kept(os.path.dirname(log_path)))) \
-            from None
+        kept = what_was_kept(os.path.dirname(log_path))
+        raise UserError(os_error_message(e, log_path, *kept)) from None
 
 
 def parse_log_line(line):
@@ -417,8 +419,8 @@ def trim_log(log_path, step, keep_evaluations=True):
         with atomic_write(log_path, "w") as f:
             f.writelines(keep)
     except OSError as e:
-        raise UserError(os_error_message(e, log_path, *kept(os.path.dirname(log_path)))) \
-            from None
+        kept = what_was_kept(os.path.dirname(log_path))
+        raise UserError(os_error_message(e, log_path, *kept)) from None
 
 # -----------------------------------------------------------------------------
 # GPT-2 in Hugging Face's layout. OpenAI's checkpoint uses a "Conv1D" module for these: a
