@@ -14,13 +14,14 @@ become our GPT (train_gpt2.GPT.from_pretrained).
 This module never imports train_gpt2: a model comes in as an argument.
 """
 
-import errno
 import hashlib
 import os
 import pickle
 import random
 import re
 import secrets
+import shlex
+import sys
 import tempfile
 import zipfile
 
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import DirLock, UserError, atomic_write, hub_unreachable, os_error_message
+from common import (DirLock, UserError, atomic_write, hub_unreachable, os_error_in,
+                    os_error_message)
+from device import is_out_of_memory, out_of_memory_error
 from tokenizer import GPT2_VOCAB, save_hf_tokenizer
 
 CHECKPOINT_KIND = "train_gpt2 checkpoint"
@@ -177,19 +180,94 @@ def save_checkpoint(ckpt, log_dir, step, keep=0):
     try:
         with atomic_write(path) as f:
             torch.save(dict(ckpt, kind=CHECKPOINT_KIND, step=step), f)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise CheckpointError(os_error_message(e, path)) from None
-        previous = list_checkpoints(log_dir)
-        raise CheckpointError(f"no space left to save {path}; " + (
-            f"the previous checkpoint is intact ({previous[-1]}): free some space, then "
-            "--resume" if previous else "free some space and run again")) from None
+    except (OSError, RuntimeError) as e:  # torch.save hides a full disk in a RuntimeError
+        if os_error_in(e) is None:
+            raise
+        raise CheckpointError(os_error_message(os_error_in(e), path, *what_was_kept(log_dir))) \
+            from None
     if keep > 0:
         older = [p for p in list_checkpoints(log_dir)
                  if checkpoint_step(p) < step and run_of(p) == ckpt["run_id"]]
         for old in older[:max(0, len(older) - (keep - 1))]:
             os.remove(old)
     return path
+
+
+def what_was_kept(log_dir):
+    """-> (what a failed write in log_dir left intact, what to run then), for
+    os_error_message."""
+    newest = newest_intact(log_dir)
+    if newest:
+        return f"the checkpoint {newest} is intact", "--resume"
+    return "no checkpoint was saved yet", "run again"
+
+
+def run_failure(e, log_dir, ddp, B, T):
+    """The UserError for a RuntimeError of a training run at micro-batch B x T that the
+    user can act on: memory ran out (building the model or in a step), or, under torchrun,
+    another rank died. None for anything else: a bug keeps its traceback."""
+    if is_out_of_memory(e):
+        return out_of_memory_error(e, B, T, newest_intact(log_dir))
+    return lost_rank_error(e, log_dir) if ddp else None
+
+
+# How a collective fails when another rank has died: gloo loses its TCP connection, NCCL
+# reports an error or its watchdog a timeout (--dist-timeout)
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL",
+             "timed out", "Timeout")
+
+
+def lost_rank_error(e, log_dir):
+    """The UserError for an exception `e` of a distributed run that says another rank died:
+    the step it happened at, the newest intact checkpoint and the command that continues.
+    None when e is something else (a bug keeps its traceback)."""
+    cause = next((s for s in PEER_LOST if s in str(e)), None)
+    if cause is None and not isinstance(e, dist.DistError):
+        return None
+    steps = [entry[0] for line in open_or_empty(os.path.join(log_dir, "log.txt"))
+             if (entry := parse_log_line(line)) and entry[1] == "train"]
+    newest = newest_intact(log_dir)
+    command = resume_command(sys.argv, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                             int(os.environ.get("WORLD_SIZE", 1)))
+    return UserError(f"a rank was lost at step {steps[-1] + 1 if steps else 0} "
+                     f"({cause or type(e).__name__}); " +
+                     (f"the newest intact checkpoint is {newest}: continue with `{command}`"
+                      if newest else "no checkpoint was saved: start the run again"))
+
+
+def resume_command(argv, local_world_size, world_size):
+    """The torchrun command that continues a run launched with train_gpt2.py's argv: the
+    same flags, --resume (without a PATH: the newest intact checkpoint) at the end."""
+    same, i = [], 0
+    while i < len(argv):
+        same += [] if argv[i] in ("--resume", "--rewind") else [argv[i]]
+        path_follows = argv[i] == "--resume" and i + 1 < len(argv) \
+            and not argv[i + 1].startswith("-")
+        i += 2 if path_follows else 1
+    args = shlex.join(same + ["--resume"])
+    if local_world_size == world_size:  # one node
+        return f"torchrun --standalone --nproc_per_node={local_world_size} {args}"
+    return f"torchrun ... {args} on every node"
+
+
+def open_or_empty(path):
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def newest_intact(log_dir):
+    """The newest checkpoint in log_dir whose bytes all match their CRC-32s, or None."""
+    for path in reversed(list_checkpoints(log_dir)):
+        try:
+            check_crc(path)
+            return path
+        except (zipfile.BadZipFile, EOFError, OSError):
+            continue
+    return None
+
 
 def open_log_dir(log_dir, run_id=None):
     """Makes log_dir and locks it against a second live run (-> the lock), and removes the
@@ -266,7 +344,8 @@ def log_line(log_path, step, stream, value):
         with open(log_path, "a") as f:
             f.write(f"{step} {stream} {value}\n")  # repr: the shortest text that reads back exactly
     except OSError as e:  # a full disk; a log dir made read-only under a running run
-        raise UserError(os_error_message(e, log_path)) from None
+        kept = what_was_kept(os.path.dirname(log_path))
+        raise UserError(os_error_message(e, log_path, *kept)) from None
 
 
 def parse_log_line(line):
@@ -330,8 +409,12 @@ def trim_log(log_path, step, keep_evaluations=True):
     if kept_bad or dropped_bad:
         print(f"warning: {log_path}: {kept_bad + dropped_bad} malformed line(s): kept "
               f"{kept_bad} among the lines up to step {step}, dropped {dropped_bad} after them")
-    with atomic_write(log_path, "w") as f:
-        f.writelines(keep)
+    try:
+        with atomic_write(log_path, "w") as f:
+            f.writelines(keep)
+    except OSError as e:
+        kept = what_was_kept(os.path.dirname(log_path))
+        raise UserError(os_error_message(e, log_path, *kept)) from None
 
 # -----------------------------------------------------------------------------
 # GPT-2 in Hugging Face's layout. OpenAI's checkpoint uses a "Conv1D" module for these: a
@@ -424,7 +507,7 @@ def export_hf(model, out_dir):
         tokenizer_files = []
         if vocab == GPT2_VOCAB:  # a smaller vocabulary is not GPT-2's tokens
             tokenizer_files = save_hf_tokenizer(out_dir, model.config.block_size)
-    except OSError as e:
-        raise UserError(f"--export-hf: cannot write {out_dir}/ ({e.strerror or e}); choose a "
-                        "writable directory") from None
+    except OSError as e:  # the checkpoint is only read: it is safe whatever happens here
+        raise UserError("--export-hf: " + os_error_message(e, out_dir + "/",
+                                                           "the checkpoint is untouched")) from None
     return ["config.json", "model.safetensors"] + tokenizer_files

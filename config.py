@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 from checkpoint import (newer_checkpoints, read_checkpoint, read_newest_checkpoint,
                         spare_log_path)
-from common import ArgumentParser, UserError, launched_rank0
+from common import ArgumentParser, Range, UserError, check_ranges, launched_rank0
 
-def opt(default, help, parse=None):
-    # a config field and its --flag's help in one place; build_parser() makes the flags,
-    # which read their value with parse (default: the field's type)
-    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
+def opt(default, help, range=None, parse=None):
+    # a config field, its --flag's help and the values it accepts in one place;
+    # build_parser() makes the flags, which read their value with parse (default: the
+    # field's type), and check_ranges() checks them
+    return dataclasses.field(default=default, metadata={"help": help, "range": range,
+                                                        "parse": parse})
 
 
 def micro_batch(text):
@@ -31,45 +33,58 @@ def micro_batch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of rows nor 'auto'")
 
 
+AT_LEAST_1 = Range(1)
+
+
 @dataclass
 class TrainConfig:
     preset: str = opt("gpt2", "a starting configuration that the flags below override")
     # model shape
-    n_layer: int = opt(12, "transformer blocks")
-    n_head: int = opt(12, "attention heads")
-    n_embd: int = opt(768, "embedding width")
-    block_size: int = opt(1024, "longest sequence the model can see")
-    # 50257 padded to a multiple of 128: matmuls on GPUs like round numbers
-    vocab_size: int = opt(50304, "embedding rows (50304: GPT-2's 50257 padded)")
+    n_layer: int = opt(12, "transformer blocks", AT_LEAST_1)
+    n_head: int = opt(12, "attention heads", AT_LEAST_1)
+    n_embd: int = opt(768, "embedding width", AT_LEAST_1)
+    block_size: int = opt(1024, "longest sequence the model can see", AT_LEAST_1)
+    # 50257 padded to a multiple of 128: matmuls on GPUs like round numbers; token ids are
+    # uint16 in the shards
+    vocab_size: int = opt(50304, "embedding rows (50304: GPT-2's 50257 padded)",
+                          Range(1, 65536))
     # data
     data_dir: str = opt("edu_fineweb10B", "directory of PREFIX_train_N/PREFIX_val_N shards "
                                           "(fineweb.py)")
     shuffle: bool = opt(True, "shuffle shards and windows every epoch")
     # 20 steps of 8 x 64 x 1024 tokens, as build-nanogpt evaluated
-    val_tokens: int = opt(10_485_760, "tokens of the val split per evaluation")
+    val_tokens: int = opt(10_485_760, "tokens of the val split per evaluation", AT_LEAST_1)
     # optimization: build-nanogpt's recipe for GPT-2 (124M) on 10B tokens
     batch_size: int = opt(64, "micro batch B: rows per forward pass, or auto: on CUDA the "
                               "largest of B, B/2, ... that fits (the preset's B elsewhere)",
-                          parse=micro_batch)
-    seq_len: int = opt(1024, "tokens per row (T)")
+                          AT_LEAST_1, parse=micro_batch)
+    seq_len: int = opt(1024, "tokens per row (T)", AT_LEAST_1)
     # ~0.5M tokens per step, as GPT-3 Small
     total_batch_size: int = opt(2 ** 19, "tokens per optimizer step; gradient accumulation "
-                                         "fills the gap")
-    max_steps: int = opt(19073, "optimizer steps, where the cosine ends")  # 10B / 2**19
-    warmup_steps: int = opt(715, "steps of linear warmup")  # GPT-3's 375M tokens / 2**19
-    max_lr: float = opt(6e-4, "peak learning rate")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak")
-    weight_decay: float = opt(0.1, "AdamW weight decay on 2-D parameters")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this")
-    seed: int = opt(1337, "seed of the initialization and the data order")
+                                         "fills the gap", AT_LEAST_1)
+    # 10B / 2**19
+    max_steps: int = opt(19073, "optimizer steps, where the cosine ends", AT_LEAST_1)
+    # GPT-3's 375M tokens / 2**19
+    warmup_steps: int = opt(715, "steps of linear warmup", Range(1, zero="none"))
+    # an Adam step moves each weight by about lr: past 1, nothing is learned
+    max_lr: float = opt(6e-4, "peak learning rate", Range(0, 1, above=True))
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak", Range(0, 1))
+    # decoupled decay shrinks the weights by lr * weight_decay every step
+    weight_decay: float = opt(0.1, "AdamW weight decay on 2-D parameters",
+                              Range(0, above=True, zero="none"))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this",
+                           Range(0, above=True, zero="no clipping"))
+    # torch.manual_seed takes 64 bits
+    seed: int = opt(1337, "seed of the initialization and the data order", Range(0, 2 ** 64 - 1))
     # what runs along the way, every N steps
-    eval_every: int = opt(250, "steps between validation losses (0: never)")
-    hellaswag_every: int = opt(250, "steps between HellaSwag evaluations (0: never)")
+    eval_every: int = opt(250, "steps between validation losses", Range(1, zero="never"))
+    hellaswag_every: int = opt(250, "steps between HellaSwag evaluations", Range(1, zero="never"))
     hellaswag_jsonl: str = opt("", "HellaSwag examples from this local jsonl file")
-    hellaswag_limit: int = opt(0, "only the first N HellaSwag examples (0: all)")
-    sample_every: int = opt(250, "steps between printed samples (0: never)")
-    checkpoint_every: int = opt(5000, "steps between checkpoints (0: the last only)")
-    keep_checkpoints: int = opt(2, "keep the newest K checkpoints (0: all)")
+    hellaswag_limit: int = opt(0, "only the first N HellaSwag examples", Range(1, zero="all"))
+    sample_every: int = opt(250, "steps between printed samples", Range(1, zero="never"))
+    checkpoint_every: int = opt(5000, "steps between checkpoints",
+                                Range(1, zero="the last only"))
+    keep_checkpoints: int = opt(2, "keep the newest K checkpoints", Range(1, zero="all"))
     # machinery
     log_dir: str = opt("log", "where log.txt and checkpoints go")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -79,7 +94,9 @@ class TrainConfig:
                              "AVX512-BF16 or AMX), fp16 with a GradScaler on older CUDA GPUs, "
                              "else fp32")
     bf16: bool = opt(None, "the same as --dtype bf16; --no-bf16 is --dtype fp32")
-    dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing")
+    # a week: far past any collective's time, and inside what a timedelta holds
+    dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing",
+                            Range(1, 7 * 24 * 60))
     fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (fused_ce.py; "
                                 "CUDA only; off until a GPU has measured it faster)")
 
@@ -137,7 +154,8 @@ def build_parser():
         elif f.name == "dtype":
             flag(name, choices=("auto", "bf16", "fp16", "fp32"), help=help)
         else:
-            flag(name, type=f.metadata["parse"] or f.type, help=help)
+            flag(name, type=f.metadata["parse"] or f.type, help=help,
+                 range=f.metadata["range"])
     # commands other than training
     flag("--resume", nargs="?", const="latest",
          help="continue the newest checkpoint in --log-dir, or the one given")
@@ -152,10 +170,16 @@ def build_parser():
     flag("--checkpoint", help="a model_XXXXX.pt for --sample and --export-hf, or a log dir "
                               "for its newest")
     flag("--prompt", default="Hello, I'm a language model,", help="text to continue (default: %(default)s)")
-    flag("--num-samples", type=int, default=4, help="continuations to sample (default: %(default)s)")
-    flag("--max-new-tokens", type=int, default=32, help="tokens per continuation (default: %(default)s)")
-    flag("--temperature", type=float, default=1.0, help="0 for greedy decoding (default: %(default)s)")
-    flag("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: %(default)s)")
+    flag("--num-samples", type=int, default=4, range=AT_LEAST_1,
+         help="continuations to sample (default: %(default)s)")
+    flag("--max-new-tokens", type=int, default=32, range=AT_LEAST_1,
+         help="tokens per continuation (default: %(default)s)")
+    # logits / temperature overflow float32 for a temperature near 1e-38: 0.01 is already
+    # greedy in all but ties
+    flag("--temperature", type=float, default=1.0, range=Range(0.01, zero="greedy"),
+         help="softmax temperature of sampling (default: %(default)s)")
+    flag("--top-k", type=int, default=50, range=AT_LEAST_1,
+         help="sample among the k likeliest tokens (default: %(default)s)")
     return p
 
 
@@ -166,14 +190,25 @@ def parse_config(argv):
     command = "--sample" if args.sample else "--export-hf" if hasattr(args, "export_hf") else None
     if command and not hasattr(args, "checkpoint"):
         parser.error(f"{command} needs --checkpoint PATH (a model_XXXXX.pt in your log dir)")
-    if args.sample and (args.top_k < 1 or not args.prompt):
-        parser.error("--sample needs a non-empty --prompt and a --top-k of at least 1")
+    if args.sample and not args.prompt:
+        parser.error("--sample needs a non-empty --prompt")
     if args.rewind and not hasattr(args, "resume"):
         parser.error("--rewind goes with --resume PATH: the older checkpoint to go back to")
     preset = getattr(args, "preset", "gpt2")
     values = dict(PRESETS[preset], preset=preset)
     values.update(given_fields(args))
-    return TrainConfig(**values), args
+    cfg = TrainConfig(**values)
+    check_config_ranges(cfg, vars(args))
+    return cfg, args
+
+
+def check_config_ranges(cfg, flags=None):
+    """Every numeric field of cfg and flag in `flags` in its range (Range, declared with
+    it), before anything is built: fresh, resumed, and the commands' own flags."""
+    parser = build_parser()
+    defaults = dict(dataclasses.asdict(TrainConfig()), **PRESETS[cfg.preset])
+    check_ranges(dict(flags or {}, **dataclasses.asdict(cfg)), parser.ranges,
+                 {name: defaults.get(name, parser.get_default(name)) for name in parser.ranges})
 
 
 def given_fields(args):
@@ -216,17 +251,16 @@ def resume_config(saved, given, path):
             raise UserError(f"{path} was trained with {flag} {getattr(cfg, key)} (preset "
                             f"{cfg.preset}), and a resumed run keeps it; drop {flag}, or "
                             "start a new run in another --log-dir")
-    return dataclasses.replace(cfg, **{k: v for k, v in given.items()
-                                       if k in RESUME_MAY_CHANGE})
+    resumed = dataclasses.replace(cfg, **{k: v for k, v in given.items()
+                                          if k in RESUME_MAY_CHANGE})
+    check_config_ranges(resumed)  # the checkpoint's values too: it may be older than a range
+    return resumed
 
 
 def check_config(cfg, world_size=1, device_type=None):
+    """What no single flag's range says: how the flags fit together, and on this device.
+    A valid configuration that is probably not what the user meant gets a warning line."""
     B, T = cfg.batch_size, cfg.seq_len
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                 "seq_len", "total_batch_size", "max_steps"):
-        if getattr(cfg, name) <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
     if T > cfg.block_size:
         raise UserError(f"--seq-len {T} is longer than the model's block size {cfg.block_size}; "
                         f"use --seq-len {cfg.block_size} or less (or a larger --block-size)")
@@ -238,6 +272,34 @@ def check_config(cfg, world_size=1, device_type=None):
     if cfg.fused_ce and device_type not in (None, "cuda"):
         raise UserError(f"--fused-ce runs a Triton kernel on a CUDA GPU, not on {device_type}: "
                         "drop --fused-ce")
+    if launched_rank0():
+        for line in config_warnings(cfg):
+            print(f"warning: {line}")
+
+
+def config_warnings(cfg):
+    """Lines about a valid configuration that trains, but likely not as meant."""
+    if cfg.warmup_steps >= cfg.max_steps:
+        yield (f"--warmup-steps {cfg.warmup_steps} is not below --max-steps {cfg.max_steps}: "
+               "the run ends before the learning rate reaches --max-lr")
+    for name, what in (("eval_every", "validation runs only at the start and the end"),
+                       ("hellaswag_every", "HellaSwag runs only at the start and the end"),
+                       ("sample_every", "samples are printed only at the end"),
+                       ("checkpoint_every", "the only checkpoint is the last")):
+        if getattr(cfg, name) > cfg.max_steps:
+            yield (f"--{name.replace('_', '-')} {getattr(cfg, name)} is longer than the run "
+                   f"(--max-steps {cfg.max_steps}): {what}")
+
+
+def val_windows(cfg, available):
+    """How many val windows of B x T tokens one evaluation reads: --val-tokens' worth, or
+    the whole val split when it holds fewer (said once, on rank 0)."""
+    wanted = max(1, cfg.val_tokens // (cfg.batch_size * cfg.seq_len))
+    if wanted > available and cfg.eval_every and launched_rank0():
+        print(f"warning: the val split holds {available * cfg.batch_size * cfg.seq_len:,} "
+              f"tokens in windows of {cfg.batch_size} x {cfg.seq_len}, fewer than --val-tokens "
+              f"{cfg.val_tokens:,}: each evaluation reads all of them")
+    return min(wanted, available)
 
 
 def resume_from(cfg, args, get_lr):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -213,8 +214,26 @@ def load_scaler(scaler, state):
     return skipped_steps
 
 
-def out_of_memory_error(B, T):
-    """The one line for a CUDA out-of-memory error at a fixed --batch-size."""
-    hint = f"--batch-size {B // 2}, or " if B > 1 else "a smaller model or --seq-len, or "
-    return UserError(f"CUDA out of memory at micro-batch {B} x {T}: try {hint}"
-                     "--batch-size auto")
+# How PyTorch says that memory ran out: CUDA's and MPS's errors, the CPU allocator's
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or any(s in str(e) for s in OUT_OF_MEMORY)
+
+
+def out_of_memory_error(e, B, T, newest=None):
+    """The one line for memory that ran out in a run at micro-batch B x T (while building
+    the model or in a step): half the micro-batch, or on CUDA auto's probe."""
+    smaller = f"--batch-size {B // 2}" if B > 1 else "a smaller model or --seq-len"
+    if "CUDA out of memory" in str(e):
+        what, hint = "CUDA out of memory", f"{smaller}, or --batch-size auto"
+    else:
+        # the allocator's words and the size, without the C++ source position and the
+        # per-device breakdown that follow
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        first = re.sub(r"^\[enforce fail[^]]*\]\s*(err == 0\.\s*)?", "", first)
+        what = f"out of memory ({re.split(r'[.] (?:Error code|GPU [0-9])', first)[0][:150]})"
+        hint = smaller
+    kept = f"; the newest intact checkpoint is {newest}" if newest else ""
+    return UserError(f"{what} at micro-batch {B} x {T}: try {hint}{kept}")

@@ -42,7 +42,6 @@ model as a function from token ids to logits. train_gpt2.py's in-training eval a
 command line call the same evaluate().
 """
 
-import argparse
 import contextlib
 import http.client
 import json
@@ -56,7 +55,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import hf_model, load_pretrained, read_run_checkpoint
-from common import ArgumentParser, UserError, atomic_write, run_cli, unreachable
+from common import (OS_ERROR_CAUSES, ArgumentParser, Range, UserError, atomic_write,
+                    os_error_message, run_cli, unreachable)
 from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
 
@@ -122,6 +122,8 @@ def download_split(split, cache_dir, url=None, num_examples=None):
                         f.write(chunk)
                         bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+            if getattr(e, "errno", None) in OS_ERROR_CAUSES:  # the disk, not the network
+                raise HellaSwagError(os_error_message(e, path)) from None
             raise failed(getattr(e, "reason", None) or e) from None
         f.flush()
         got = count_examples(f.name)
@@ -412,8 +414,9 @@ def build_parser():
     data.add_argument("--jsonl", help="a local file of HellaSwag-format examples instead")
     p.add_argument("--cache-dir", default=default_cache_dir(),
                    help="where downloaded splits are kept (default: %(default)s)")
-    p.add_argument("--limit", type=positive_int, help="only the first N examples (default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=16,
+    p.add_argument("--limit", type=int, range=Range(1),
+                   help="only the first N examples (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, range=Range(1),
                    help="examples per forward pass, 4 rows each (default: %(default)s); "
                         "lower it if memory runs out")
     p.add_argument("--device", default="auto",
@@ -423,17 +426,12 @@ def build_parser():
     return p
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv=None):
     # each batch's logits are hundreds of MB: huge pages on a CPU, set before any tensor
     use_huge_pages()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parser.check_ranges(args, {"limit": "all", "batch_size": parser.get_default("batch_size")})
     if args.split == "test":
         raise HellaSwagError("the test split's labels are not public "
                              "(github.com/rowanz/hellaswag/issues/5); evaluate on val")

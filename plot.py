@@ -7,7 +7,7 @@ play.ipynb draw it).
 import os
 
 from checkpoint import list_checkpoints, read_checkpoint, read_log
-from common import UserError
+from common import UserError, os_error_cause
 
 # Reference lines. val: the FineWeb-Edu val loss of OpenAI's GPT-2 (124M), as
 # build-nanogpt's play.ipynb draws it. hella_gpt2: HellaSwag acc_norm of OpenAI's GPT-2
@@ -67,6 +67,6 @@ def save_plot(log_dir, preset=None):
     try:
         plot_log(log_dir, preset).savefig(path, dpi=100)
     except OSError as e:
-        raise UserError(f"--plot: cannot write {path} ({e.strerror or e}); make {log_dir}/ "
+        raise UserError(f"--plot: cannot write {path}: {os_error_cause(e)}; make {log_dir}/ "
                         "writable, or copy log.txt somewhere writable") from None
     print(f"wrote {path}")

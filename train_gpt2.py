@@ -34,12 +34,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fineweb
 import hellaswag
 from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, new_run_id,
-                        open_log_dir, read_run_checkpoint, rng_state,
+                        open_log_dir, read_run_checkpoint, rng_state, run_failure,
                         save_checkpoint, set_rng_state, trim_log)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
-from config import check_config, parse_config, preset_micro_batch, resume_from
-from device import (autocast, fit_micro_batch, load_scaler, out_of_memory_error, peak_flops,
-                    resolve_device, run_policy, use_huge_pages)
+from config import check_config, parse_config, preset_micro_batch, resume_from, val_windows
+from device import (autocast, fit_micro_batch, load_scaler, peak_flops, resolve_device,
+                    run_policy, use_huge_pages)
 from fused_ce import fused_loss_skipped_by_compile
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
@@ -551,7 +551,7 @@ def train_step(run, step):
             run.scaler.scale(loss).backward()
     loss_accum = all_reduce_sum(loss_accum, env) / env.world_size
     run.scaler.unscale_(optimizer)  # the clip and the logged norm see the true gradients
-    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or math.inf)
     lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps,
                 cfg.max_steps)
     for group in optimizer.param_groups:
@@ -694,9 +694,8 @@ def start_run(cfg, env, policy, ckpt):
     """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
     barrier = dist.barrier if env.ddp else None  # waits for every rank
     fineweb.prepare_run_data(cfg, env.master, barrier)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # every device's generator: the same weights on every rank
     if env.device_type == "cuda":
-        torch.cuda.manual_seed(cfg.seed)
         # TF32 for fp32 matmuls (10 bits of mantissa instead of 23): the lecture's 3x
         torch.set_float32_matmul_precision("high")
     B, T = cfg.batch_size, cfg.seq_len
@@ -717,9 +716,9 @@ def start_run(cfg, env, policy, ckpt):
         model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
     scaler = torch.amp.GradScaler(env.device_type, enabled=policy.grad_scaler)
     run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
-              min(max(1, cfg.val_tokens // (B * T)), len(val_loader)), grad_accum_steps,
-              policy.dtype, scaler, hellaswag.load_for_training(cfg, env.master, barrier),
-              get_encoding(), os.path.join(cfg.log_dir, "log.txt"))
+              val_windows(cfg, len(val_loader)), grad_accum_steps, policy.dtype, scaler,
+              hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
+              os.path.join(cfg.log_dir, "log.txt"))
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -757,8 +756,8 @@ def train(cfg, ckpt=None):
         if run.start_step >= cfg.max_steps and run.start_evaluated:
             env.print0(f"the run is complete: step {run.start_step} of --max-steps {cfg.max_steps}")
         train_loop(run)
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory_error(cfg.batch_size, cfg.seq_len) from None
+    except RuntimeError as e:  # out of memory, or a collective whose peer rank died
+        raise run_failure(e, cfg.log_dir, env.ddp, cfg.batch_size, cfg.seq_len) or e
     finally:
         if lock is not None:
             lock.release()

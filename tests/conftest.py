@@ -128,3 +128,39 @@ def flip_a_bit(path):
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size, options="") -> the path of a new tmpfs of that size ("700k"): a real
+    filesystem that fills up or is read-only, as a user's disk does. Needs root, as the
+    tests have here and in CI; skipped with the reason elsewhere. Unmounted afterwards."""
+    mounted = []
+
+    def mount(size, options=""):
+        path = tmp_path / f"fs{len(mounted)}"
+        path.mkdir()
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(
+                [f"size={size}"] + ([options] if options else [])), "tmpfs", str(path)],
+                capture_output=True, text=True)
+            why = proc.stderr.strip() if proc.returncode else None
+        except OSError as e:
+            why = str(e)
+        if why:
+            pytest.skip(f"cannot mount a tmpfs here ({why})")
+        mounted.append(path)
+        return str(path)
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill(directory):
+    """Writes into directory until its filesystem is full."""
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == 28, e  # ENOSPC

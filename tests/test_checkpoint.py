@@ -1,6 +1,5 @@
 """Checkpoints: exact resume after a SIGKILL at any moment, atomic saves, loading that
 runs no code, clear errors, and export to Hugging Face transformers."""
-import errno
 import os
 import random
 import shutil
@@ -180,10 +179,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path):
     shards, straight, _ = reference
     log_dir = tmp_path / "nan"
     log_dir.mkdir()
-    # a checkpoint whose run has an absurd learning rate: the weights blow up within a
-    # step or two of the resume
+    # a checkpoint with a weight gone bad (--max-lr is at most 1, so no flag blows the
+    # weights up any more): the first step's loss is nan
     ckpt = torch.load(os.path.join(straight, f"model_{N:05d}.pt"), weights_only=True)
-    ckpt["config"]["max_lr"] = 1e30
+    ckpt["model"]["transformer.h.0.ln_1.weight"][0] = float("nan")
     torch.save(ckpt, log_dir / f"model_{N:05d}.pt")
     out = run(["train_gpt2.py", "--log-dir", str(log_dir), "--resume"], check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr
@@ -252,28 +251,6 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(reference, tmp_path):
     assert read_log(straight) == read_log(log_dir)
     wa, wb = weights(os.path.join(straight, f"model_{2 * N:05d}.pt")), weights(last)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_a_full_disk_while_saving_is_one_line(shards, tmp_path, monkeypatch, capsys):
-    # the disk fills up during the second checkpoint: torch.save has written part of it
-    real_save = torch.save
-
-    def save_until_full(obj, f):
-        if obj["step"] >= 4:
-            f.write(b"the first bytes of a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_save(obj, f)
-    monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
-    log_dir = str(tmp_path / "full")
-    status = run_cli(train_gpt2.main, TINY + ["--max-steps", "6", "--checkpoint-every", "2",
-                                              "--data-dir", shards, "--log-dir", log_dir])
-    assert status == 1
-    previous = os.path.join(log_dir, "model_00002.pt")
-    assert capsys.readouterr().err == (f"error: no space left to save {log_dir}/model_00004.pt; "
-                                       f"the previous checkpoint is intact ({previous}): free "
-                                       "some space, then --resume\n")
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]  # no temp file left
-    assert checkpoint.read_checkpoint(previous)["step"] == 2
 
 
 def resume_args(shards, log_dir, *more):

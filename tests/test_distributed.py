@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 from conftest import EXAMPLES, ROOT, TINY, read_log, run, wait_for_line, write_jsonl
 
 STEPS = ["--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3",
@@ -168,3 +169,43 @@ def test_a_user_error_under_torchrun_is_printed_once(single_run):
                      "= 4*32*2 = 256") == 1, out
     assert "train_gpt2.py\", line" not in out, out  # no traceback from the script itself
     assert "ChildFailedError" in out
+
+
+def descendants(pid):
+    """The process ids under pid, from /proc."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                found += [child] + descendants(child)
+    return found
+
+
+def test_a_lost_rank_is_one_line_with_the_resume_command(single_run):
+    shards, _, tmp = single_run
+    log_dir = str(tmp / "lost")
+    p = torchrun(["--standalone", "--nproc_per_node=2"],
+                 TINY + ["--max-steps", "100000", "--checkpoint-every", "2", "--eval-every",
+                         "0", "--data-dir", shards, "--log-dir", log_dir])
+    wait_for_line(p, os.path.join(log_dir, "log.txt"), "3 train")
+    rank1 = []
+    for pid in descendants(p.pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            rank1 += [pid] if b"RANK=1" in f.read().split(b"\0") else []
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0, out
+    ours = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert len(ours) == 1 and "train_gpt2.py\", line" not in out, out
+    step, cause = int(ours[0].split()[7]), ours[0].split("(")[1].split(")")[0]
+    assert cause in checkpoint.PEER_LOST, out  # gloo: "Connection closed by peer", or "reset"
+    newest = checkpoint.list_checkpoints(log_dir)[-1]
+    # intact, and at most one --checkpoint-every behind (the loss may come between the
+    # log line of a step and the checkpoint after it)
+    assert step - 2 <= checkpoint.read_checkpoint(newest)["step"] <= step, out
+    assert ours[0] == (
+        f"error: a rank was lost at step {step} ({cause}); the newest intact "
+        f"checkpoint is {newest}: continue with `torchrun --standalone --nproc_per_node=2 "
+        f"train_gpt2.py {' '.join(TINY)} --max-steps 100000 --checkpoint-every 2 --eval-every "
+        f"0 --data-dir {shards} --log-dir {log_dir} --resume`"), out

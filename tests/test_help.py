@@ -32,3 +32,14 @@ def test_every_help_shows_the_defaults():
     assert silent == []
     out = run(["fineweb.py", "--help"]).stdout
     assert "(default: sample-10BT)" in out and "(default: 100000000)" in out
+
+
+def test_every_numeric_flag_shows_its_range():
+    parsers = {"train_gpt2.py": config.build_parser(), "hellaswag.py": hellaswag.build_parser()}
+    for parser in parsers.values():
+        for action in parser._actions:
+            if action.type in (int, float):
+                assert action.dest in parser.ranges, action.dest
+                assert action.help.endswith(f"[{parser.ranges[action.dest]}]")
+    help = config.build_parser().format_help()
+    assert "[0 (no clipping) or above 0]" in " ".join(help.split())  # --grad-clip
