@@ -669,16 +669,13 @@ def prepare_data(cfg, env):
         cfg.data_dir = os.path.join(HERE, "data", "shakespeare")
         if env.master:
             # the script's own cache, replaced when input.txt changes; 2**15 tokens per
-            # shard, so shard 0 (val) holds about a tenth of the text
+            # shard, val included, so val holds about a tenth of the text as it always has
             fineweb.tokenize_local([os.path.join(HERE, "input.txt")], cfg.data_dir,
                                    prefix="shakespeare", shard_size=2 ** 15, workers=1,
-                                   overwrite=True)
+                                   val_split_tokens=2 ** 15, overwrite=True)
         if env.ddp:
             dist.barrier()
-    if not os.path.isdir(cfg.data_dir) or not fineweb.list_shards(cfg.data_dir, "train"):
-        raise UserError(f"no training shards in {cfg.data_dir}/: run `python fineweb.py` to "
-                        "make them (FineWeb-Edu, 10B tokens), or try "
-                        "`python train_gpt2.py --preset shakespeare`")
+    fineweb.check_splits(cfg.data_dir)  # both splits, or the fineweb.py command that makes them
     largest = fineweb.largest_token_id(cfg.data_dir)  # from the manifest: no shard is read
     if largest is not None and largest >= cfg.vocab_size:
         raise UserError(f"{cfg.data_dir}/ holds token id {largest}: use a --vocab-size above "

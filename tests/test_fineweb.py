@@ -167,20 +167,24 @@ def test_fineweb_from_the_hub_with_a_stand_in_dataset(tmp_path, hf_cache, monkey
 def test_shard_boundaries(tmp_path):
     docs = make_docs(30, seed=4)
     stream = expected_stream(docs)
-    for shard_size in [1000, 777]:
-        out = tmp_path / f"out{shard_size}"
-        paths = []
-        for i, d in enumerate(docs):
-            (tmp_path / f"d{i}.txt").write_text(d, encoding="utf-8")
-            paths.append(tmp_path / f"d{i}.txt")
-        shards = fineweb.tokenize_local(paths, out, prefix="b", shard_size=shard_size, workers=1)
+    paths = []
+    for i, d in enumerate(docs):
+        (tmp_path / f"d{i}.txt").write_text(d, encoding="utf-8")
+        paths.append(tmp_path / f"d{i}.txt")
+    # the val split as large as a training shard (build-nanogpt's layout), larger, smaller,
+    # and by default a tenth of the corpus
+    for shard_size, val in [(1000, 1000), (777, 1500), (1200, 600), (1000, None)]:
+        out = tmp_path / f"out{shard_size}_{val}"
+        shards = fineweb.tokenize_local(paths, out, prefix="b", shard_size=shard_size,
+                                        val_split_tokens=val, workers=1)
         names = [os.path.basename(s) for s in shards]
         assert names == ["b_val_000000.bin"] + [f"b_train_{i:06d}.bin"
                                                 for i in range(1, len(shards))]
         assert fineweb.list_shards(out, "val") == [str(out / names[0])]
         assert fineweb.list_shards(out, "train") == [str(out / n) for n in names[1:]]
         sizes = [len(fineweb.load_shard(s)) for s in shards]
-        assert sizes[:-1] == [shard_size] * (len(shards) - 1) and 0 < sizes[-1] <= shard_size
+        assert sizes[0] == (val or len(stream) // 10)
+        assert sizes[1:-1] == [shard_size] * (len(shards) - 2) and 0 < sizes[-1] <= shard_size
         assert np.array_equal(concat(shards), stream)
 
 
@@ -355,7 +359,7 @@ def test_shards_of_another_input_are_kept_unless_overwrite(tmp_path, hf_cache):
     first = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
     kept = {p: Path(p).read_bytes() for p in first + [str(out / "c_manifest.json")]}
     other = tmp_path / "other.txt"
-    other.write_text(docs[0])
+    other.write_text("".join(docs[5:30]))
     write_jsonl(data, docs[:20])  # the same file, now other documents
     for paths, shard_size in [([data], 4000), ([other], 4000), ([data], 3000)]:
         with pytest.raises(fineweb.InputError, match=r"--out-dir or --prefix.*--overwrite"):
@@ -364,7 +368,7 @@ def test_shards_of_another_input_are_kept_unless_overwrite(tmp_path, hf_cache):
     # another prefix in the same directory keeps both
     mine = fineweb.tokenize_local([other], out, prefix="mine", shard_size=4000)
     assert {p: Path(p).read_bytes() for p in kept} == kept
-    assert np.array_equal(concat(mine), expected_stream(docs[:1]))
+    assert np.array_equal(concat(mine), expected_stream(["".join(docs[5:30])]))
 
     second = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000, overwrite=True)
     assert len(second) < len(first)  # fewer documents: fewer shards, and the others are gone
@@ -378,13 +382,15 @@ def test_shards_without_a_manifest_are_kept_unless_overwrite(tmp_path):
     out = tmp_path / "edu"
     out.mkdir()
     fineweb.write_shard(out / "edufineweb_train_000001.bin", np.arange(10, dtype=np.uint16))
-    (tmp_path / "a.txt").write_text("hello world")
+    text = make_docs(1, size=(40000, 40000))[0]
+    (tmp_path / "a.txt").write_text(text)
     with pytest.raises(fineweb.InputError, match=r"1 edufineweb shards have no edufineweb_mani"):
         fineweb.tokenize_local([tmp_path / "a.txt"], out, prefix="edufineweb")
     assert os.listdir(out) == ["edufineweb_train_000001.bin"]
     shards = fineweb.tokenize_local([tmp_path / "a.txt"], out, prefix="edufineweb", overwrite=True)
-    assert sorted(os.listdir(out)) == ["edufineweb_manifest.json", "edufineweb_val_000000.bin"]
-    assert np.array_equal(concat(shards), expected_stream(["hello world"]))
+    assert sorted(os.listdir(out)) == ["edufineweb_manifest.json", "edufineweb_train_000001.bin",
+                                       "edufineweb_val_000000.bin"]
+    assert np.array_equal(concat(shards), expected_stream([text]))
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -428,13 +434,14 @@ def test_the_manifest_records_each_shards_largest_token_id(tmp_path):
     out = tmp_path / "out"
     assert fineweb.largest_token_id(out) is None
     shards = fineweb.tokenize_local([tmp_path / f"d{i}.txt" for i in range(3)], out, prefix="m",
-                                    shard_size=1000)
+                                    shard_size=1000, val_split_tokens=600)
     records = read_manifest(out, "m")["shards"]
     largest = [int(fineweb.load_shard(p).max()) for p in shards]
     assert [records[os.path.basename(p)]["largest_id"] for p in shards] == largest
     assert min(largest) < EOT  # some shard holds no document start
     assert fineweb.largest_token_id(out) == max(largest) == EOT
-    fineweb.tokenize_local([tmp_path / "d2.txt"], out, prefix="n", shard_size=1000)  # a second
+    fineweb.tokenize_local([tmp_path / "d2.txt"], out, prefix="n", shard_size=1000,  # a second
+                           val_split_tokens=600)
     assert fineweb.largest_token_id(str(out)) == EOT
     # a shard that no manifest describes could hold anything
     fineweb.write_shard(out / "foreign_train_000001.bin", np.array([7], dtype=np.uint16))
@@ -524,13 +531,27 @@ def slow_input(tmp_path_factory):
     return path
 
 
+def holds_flock(pid, path):
+    """Whether process pid holds a flock on path, as /proc/locks tells (Linux)."""
+    inode = os.stat(path).st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # 1: FLOCK ADVISORY WRITE PID MAJOR:MINOR:INODE START END
+        if fields[1] == "FLOCK" and fields[4] == str(pid) and \
+                int(fields[5].rsplit(":", 1)[1]) == inode:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads /proc/locks")
 def test_a_second_run_into_one_out_dir_is_refused(tmp_path, slow_input):
     out = tmp_path / "out"
     first = run_fineweb("--input", slow_input, "--out-dir", out, "--workers", 1,
                         start_new_session=True)
     try:
-        # tqdm draws its bar once the run holds the directory, before it reads the input
-        assert select.select([first.stderr], [], [], 60)[0], "the first run never started"
+        deadline = time.time() + 60
+        while not (out.exists() and holds_flock(first.pid, out)):
+            assert first.poll() is None and time.time() < deadline, "the first run never started"
+            time.sleep(0.01)
         (tmp_path / "other.txt").write_text("another input")
         others = [run_fineweb("--input", path, "--out-dir", out)
                   for path in [tmp_path / "other.txt", slow_input]]
@@ -539,8 +560,11 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, slow_input):
             assert proc.returncode == 1
             assert err == f"error: {out}/ is in use by another fineweb.py run; wait for it to " \
                 "finish, or use another directory\n"
-        manifest = json.loads((out / "local_manifest.json").read_text())
-        assert [i["path"] for i in manifest["key"]["inputs"]] == [str(slow_input)]
+        # whatever is in out is the first run's: its manifest (once it has one) and shards
+        assert all(name.startswith("local_") for name in os.listdir(out))
+        if (out / "local_manifest.json").exists():
+            manifest = json.loads((out / "local_manifest.json").read_text())
+            assert [i["path"] for i in manifest["key"]["inputs"]] == [str(slow_input)]
     finally:
         first.kill()
         first.communicate()

@@ -97,7 +97,7 @@ BAD_INPUT = [
     (["--preset", "gpt3"], "invalid choice"),
     (["--total-batch-size", "1000", "--data-dir", "{shards}"], "not divisible by B*T*world_size"),
     (["--seq-len", "64", "--data-dir", "{shards}"], "longer than the model's block size"),
-    (["--data-dir", "{tmp}/nowhere"], "run `python fineweb.py`"),
+    (["--data-dir", "{tmp}/nowhere"], "`python fineweb.py --input FILE... --out-dir"),
     (["--device", "tpu", "--data-dir", "{shards}"], "unknown device"),
     (["--device", "cuda", "--data-dir", "{shards}"], "no CUDA"),
     (["--resume", "--data-dir", "{shards}", "--log-dir", "{tmp}/empty"], "no checkpoint in"),
