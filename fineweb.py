@@ -687,7 +687,7 @@ def _tokenize(sources, state, out_dir, prefix, shard_size, workers, val_split_to
                                      "largest_id": int(shard.max())}
             state["resume"], state["done"] = resume, resume is None
             _write_manifest(manifest, state)
-            bar.set_postfix(shards=len(state["shards"]))
+            bar.set_postfix(shards=len(state["shards"]), refresh=False)  # shown by update
             new_tokens += len(shard)
         seconds = time.time() - t0
     state["done"] = True

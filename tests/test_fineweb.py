@@ -451,8 +451,11 @@ def test_the_manifest_records_each_shards_largest_token_id(tmp_path):
 def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
     data = tmp_path / "docs.jsonl"
     write_jsonl(data, make_docs(600, seed=7, size=(1000, 10000)))  # ~1.2M tokens
-    args = ["--input", data, "--shard-size", 60_000, "--workers", 2]
-    reference = fineweb.tokenize_local([data], tmp_path / "ref", shard_size=60_000, workers=2)
+    # val as large as a shard: shards are written as the run goes (a default val split of a
+    # small corpus waits for all of it)
+    args = ["--input", data, "--shard-size", 60_000, "--val-split-tokens", 60_000, "--workers", 2]
+    reference = fineweb.tokenize_local([data], tmp_path / "ref", shard_size=60_000,
+                                       val_split_tokens=60_000, workers=2)
     ref_shards = {os.path.basename(p): Path(p).read_bytes() for p in reference}
     assert len(ref_shards) >= 15
 
@@ -613,6 +616,45 @@ def test_pool_workers_end_with_their_killed_parent(tmp_path, slow_input, platfor
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
         parent.communicate()
+
+
+@linux_only
+def test_ctrl_c_with_workers_is_one_line_and_the_run_resumes(tmp_path):
+    paths = []
+    for i, doc in enumerate(make_docs(600, seed=9, size=(1000, 10000))):  # ~1.2M tokens
+        paths.append(tmp_path / f"doc{i:03d}.txt")
+        paths[-1].write_text(doc, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--input", *paths, "--out-dir", out, "--shard-size", 20_000,
+            "--val-split-tokens", 20_000, "--workers", 2]
+    run = run_fineweb(*args, start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / "local_train_000002.bin").exists():
+        assert run.poll() is None and time.time() < deadline, run.communicate()
+        time.sleep(0.003)
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 1
+    said = [line for line in err.replace("\r", "\n").splitlines()
+            if line.strip() and not line.startswith("local: ")]  # less the progress bar
+    assert said == ["error: interrupted: run the same command again to resume from the last "
+                    "complete shard"]
+    deadline = time.time() + 5
+    while survivors := processes_in_group(run.pid):
+        assert time.time() < deadline, f"workers outlived the interrupted run: {survivors}"
+        time.sleep(0.01)
+    kept = sorted(json.loads((out / "local_manifest.json").read_text())["shards"])
+    assert len(kept) >= 2  # shards 0 and 1 at least: 2 was on disk
+    before = file_ids([out / name for name in kept])
+
+    rerun = run_fineweb(*args)
+    rerun.communicate(timeout=120)
+    assert rerun.returncode == 0
+    assert file_ids([out / name for name in kept]) == before  # resumed, not started over
+    reference = fineweb.tokenize_local(paths, tmp_path / "ref", shard_size=20_000,
+                                       val_split_tokens=20_000, workers=1)
+    got = fineweb.list_shards(out, "val") + fineweb.list_shards(out, "train")
+    assert [Path(p).read_bytes() for p in got] == [Path(p).read_bytes() for p in reference]
 
 
 JSON_LINES = ['{"text": "one"}', '{"text": "two"}', '{"text": "three"}', '{"text": "four"}']
