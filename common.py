@@ -11,6 +11,7 @@ without paying for torch.
 import argparse
 import contextlib
 import errno
+import math
 import os
 import signal
 import sys
@@ -44,28 +45,118 @@ def run_cli(main, argv=None):
         if rank0:
             print(f"{e.prefix}{e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a write that no caller named: still one line, if it is the disk's
+        if e.errno not in OS_ERROR_CAUSES:
+            raise
+        if rank0:
+            print(f"error: {os_error_message(e, e.filename or 'a file')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         if rank0:
             print("interrupted", file=sys.stderr)
         return 130
 
 
+class Range:
+    """The values a numeric flag accepts: from `low` to `high` (None: no bound), `low`
+    itself left out with above=True. `zero` says what 0 means where 0 switches the thing
+    off, and --help says so. nan and inf are in no range."""
+
+    def __init__(self, low=None, high=None, above=False, zero=None):
+        self.low, self.high, self.above, self.zero = low, high, above, zero
+
+    def __contains__(self, value):
+        if not math.isfinite(value):
+            return False
+        if value == 0 and self.zero:
+            return True
+        return ((self.low is None or (value > self.low if self.above else value >= self.low))
+                and (self.high is None or value <= self.high))
+
+    def __str__(self):
+        low, high = number(self.low), number(self.high)
+        text = "" if self.low is None else f"{'above' if self.above else 'at least'} {low}"
+        if self.high is not None:
+            text = (f"{low} to {high}" if text and not self.above else
+                    f"{text}, at most {high}" if text else f"at most {high}")
+        return f"0 ({self.zero}) or {text}" if self.zero else text
+
+
+def number(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def check_ranges(values, ranges, defaults):
+    """The one check of every numeric flag: values, ranges and defaults are dicts keyed by
+    the flag's name as in a config field (max_lr for --max-lr). A value outside its range
+    is refused with one line that names the flag, the value, the range and the default."""
+    for name, valid in ranges.items():
+        value = values.get(name)
+        if value is not None and value not in valid:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {number(value)} is out of range: use {valid} "
+                            f"(default {number(defaults.get(name))})")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line, like a UserError, instead of the whole usage
-    block (subcommands' parsers inherit it)."""
+    block (subcommands' parsers inherit it). A numeric flag declares its valid values as
+    add_argument(..., range=Range(...)), which --help shows; check_ranges(args) checks them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ranges = {}
+
+    def add_argument(self, *args, range=None, **kwargs):
+        if range is not None:
+            kwargs["help"] = f"{kwargs['help']} [{range}]"
+        action = super().add_argument(*args, **kwargs)
+        if range is not None:
+            self.ranges[action.dest] = range
+        return action
+
+    def check_ranges(self, args, defaults=None):
+        check_ranges(vars(args), self.ranges, defaults or
+                     {name: self.get_default(name) for name in self.ranges})
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def os_error_message(e, path):
-    """One line for an OSError while writing path: a full disk and a permission problem
-    say what to do."""
-    if e.errno == errno.ENOSPC:
-        return f"no space left on the device to write {path}; free some space and run again"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: permission denied; choose a writable place"
-    return f"cannot write {path}: {e.strerror or e}"
+# What an OSError's errno means for the user, in the words that say what to do about it
+OS_ERROR_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a file stands where a directory should be",
+    errno.EEXIST: "a file stands where a directory should be",
+    errno.EISDIR: "a directory stands where a file should be",
+}
+
+
+def os_error_cause(e):
+    return OS_ERROR_CAUSES.get(e.errno) or e.strerror or str(e)
+
+
+def os_error_in(e):
+    """The OSError behind a failed write, or None. Some writers hide it: torch.save's zip
+    writer, on a full disk, raises a RuntimeError ("unexpected pos") while the OSError
+    unwinds, which then stays only in the RuntimeError's context."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
+
+
+def os_error_message(e, path, kept="", then="run again"):
+    """One line for an OSError while writing path: its cause in words, what is `kept`
+    (the newest checkpoint, say) and what to do."""
+    todo = ("free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+            "choose a writable place" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            else "fix that")
+    return f"cannot write {path}: {os_error_cause(e)}; {kept + ': ' if kept else ''}{todo}, " \
+           f"then {then}"
 
 # -----------------------------------------------------------------------------
 # The network: ask once, quickly, before a download. Without this, Hugging Face's libraries
