@@ -48,7 +48,7 @@ import time
 
 import numpy as np
 
-from common import (ArgumentParser, DirLock, UserError, atomic_write, hub_offline,
+from common import (ArgumentParser, DirLock, Range, UserError, atomic_write, hub_offline,
                     hub_unreachable, run_cli)
 from tokenizer import EOT, get_encoding
 
@@ -62,6 +62,7 @@ FINEWEB_DIR = "edu_fineweb10B"  # where build-nanogpt puts it, and train_gpt2.py
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DOCS_PER_TASK = 256          # documents a worker gets at once: ~1 MB of text, so pipes are cheap
 SMALL_INPUT_BYTES = 8 << 20  # less takes under a second on one core: not worth a pool
+MAX_WORKERS = 1024            # more processes than any machine has cores only costs memory
 SHARD_SIZE = 10**8           # tokens per training shard: build-nanogpt's
 VAL_SPLIT_MAX = 10**7        # a local corpus's val split: a tenth of it, at most this
 # A training run reads windows of batch-size x seq-len + 1 tokens from each split; the
@@ -797,23 +798,25 @@ def main(argv=None):
                         "or data/PREFIX with --input)")
     parser.add_argument("--prefix", help="shard file name prefix (default: edufineweb, "
                         "or local with --input)")
-    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+    # the header holds a shard's token count as an int32
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, range=Range(1, 2**31 - 1),
                         help="tokens per training shard (default: %(default)s)")
     parser.add_argument("--val-split-tokens", type=int, metavar="N",
+                        range=Range(MIN_SPLIT_TOKENS, 2**31 - 1),
                         help="tokens in the val split, shard 0 (default: a tenth of the corpus, "
                         f"at most {VAL_SPLIT_MAX:,}, with --input; --shard-size for FineWeb-Edu)")
-    parser.add_argument("--workers", type=int, help="tokenizer processes (default: one per core; "
-                        "1 for local inputs under 8 MB, where a pool costs more than it saves)")
+    parser.add_argument("--workers", type=int, range=Range(1, MAX_WORKERS),
+                        help="tokenizer processes (default: one per core; 1 for local inputs "
+                        "under 8 MB, where a pool costs more than it saves)")
     parser.add_argument("--streaming", action="store_true", help="read the data while it "
                         "downloads instead of into the Hugging Face cache first")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards that "
-                        "another input or --shard-size left under the same --out-dir and "
-                        "--prefix (without it they are kept, and the run refused)")
+                        "another input, --shard-size or --val-split-tokens left under the same "
+                        "--out-dir and --prefix (without it they are kept, and the run refused)")
     args = parser.parse_args(argv)
-    if not 0 < args.shard_size < 2**31:
-        parser.error("--shard-size must be between 1 and 2**31 - 1 (the header holds an int32)")
-    if args.workers is not None and args.workers < 1:
-        parser.error("--workers must be at least 1")
+    parser.check_ranges(args, {"shard_size": SHARD_SIZE, "workers": "one per core",
+                               "val_split_tokens": "a tenth of --input, at most "
+                               f"{VAL_SPLIT_MAX:,}; --shard-size for FineWeb-Edu"})
     try:
         if args.input:
             prefix = args.prefix or "local"

@@ -27,7 +27,7 @@ CASES = [
                                             "{tmp}/model_00001.pt"], "model_00001.pt is corrupt"),
     ("train: foreign checkpoint", ["train_gpt2.py", "--sample", "--checkpoint", "{tmp}/foreign.pt"],
      "is not a checkpoint of train_gpt2.py"),
-    ("fineweb: bad flag value", ["fineweb.py", "--workers", "0"], "--workers must be at least 1"),
+    ("fineweb: bad flag value", ["fineweb.py", "--workers", "0"], "--workers 0 is out of range"),
     ("fineweb: missing file", ["fineweb.py", "--input", "{tmp}/nowhere.txt", "--out-dir",
                                "{tmp}/out"], "no such file"),
     ("hellaswag: malformed jsonl line", ["hellaswag.py", "--jsonl", "{tmp}/bad.jsonl"],
