@@ -660,19 +660,30 @@ def _counting(encoded, bar):
         yield chunk
 
 
+@contextlib.contextmanager
+def _progress_bar(prefix, initial, shards):
+    """tqdm's bar of the tokens read. It shows after a second, so a run refused at once
+    prints its error line alone, and one that fails later clears it from the terminal."""
+    from tqdm import tqdm
+    with tqdm(desc=prefix, unit="tok", unit_scale=True, initial=initial, delay=1,
+              postfix={"shards": shards}) as bar:
+        try:
+            yield bar
+        except BaseException:
+            bar.leave = False  # close() then clears the line
+            raise
+
+
 def _tokenize(sources, state, out_dir, prefix, shard_size, workers, val_split_tokens, corpus):
     """Writes the shards from state["resume"] on, recording each in the manifest."""
-    from tqdm import tqdm
     assert get_encoding().n_vocab <= 2**16, "token ids must fit in uint16"
     manifest = _manifest_path(out_dir, prefix)
     start_doc, skip = state["resume"]
     # the bar counts tokens read: the stream restarts `skip` tokens before the first new one
     written = sum(record["tokens"] for record in state["shards"].values()) - skip
     # The pool first: forked workers then inherit the tokenizer but none of datasets' threads.
-    # The bar shows after a second, so a run refused at once prints just its error line.
     with _worker_pool(workers) as pool, sources as docs_sources, \
-            tqdm(desc=prefix, unit="tok", unit_scale=True, initial=written, delay=1,
-                 postfix={"shards": len(state["shards"])}) as bar:
+            _progress_bar(prefix, written, len(state["shards"])) as bar:
         tasks = _tasks(_documents(docs_sources, start_doc), start_doc)
         encoded = _counting(pool.imap(_encode_task, tasks) if pool else
                             map(_encode_task, tasks), bar)
