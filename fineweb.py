@@ -29,7 +29,7 @@ run; a finished run with unchanged inputs returns at once. Nothing is lost by mi
 --out-dir and --prefix are kept (and the run refused) unless you pass --overwrite. A run that
 fails before its first shard leaves nothing behind.
 
-From Python (train_gpt2.py does this):
+From Python (train_gpt2.py does this for its shakespeare preset, with sizes of its own):
 
     from fineweb import tokenize_local, list_shards, load_shard
     tokenize_local(["input.txt"], "data/shakespeare", prefix="shakespeare")
@@ -62,7 +62,7 @@ FINEWEB_DIR = "edu_fineweb10B"  # where build-nanogpt puts it, and train_gpt2.py
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DOCS_PER_TASK = 256          # documents a worker gets at once: ~1 MB of text, so pipes are cheap
 SMALL_INPUT_BYTES = 8 << 20  # less takes under a second on one core: not worth a pool
-MAX_WORKERS = 1024            # more processes than any machine has cores only costs memory
+MAX_WORKERS = 1024           # more processes than any machine has cores only costs memory
 SHARD_SIZE = 10**8           # tokens per training shard: build-nanogpt's
 VAL_SPLIT_MAX = 10**7        # a local corpus's val split: a tenth of it, at most this
 # A training run reads windows of batch-size x seq-len + 1 tokens from each split; the
