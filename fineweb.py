@@ -6,10 +6,14 @@ FineWeb-Edu, or your own text, tokenized with GPT-2's tokenizer into shards for 
     python fineweb.py --input notes.txt books.jsonl web.parquet --prefix mine  # -> data/mine/
 
 Every document becomes [EOT, *its tokens] (GPT-2 separates documents with <|endoftext|>), and
-the documents, in order, form one token stream cut into shards of exactly --shard-size tokens;
-a document that does not fit spills into the next shard, and the last shard holds the rest.
-Shard 0 is the validation split, the others are training data, numbered across both like
-build-nanogpt does: {prefix}_val_000000.bin, {prefix}_train_000001.bin, ...
+the documents, in order, form one token stream. Its first --val-split-tokens tokens are shard
+0, the validation split; the rest is cut into training shards of exactly --shard-size tokens
+(100M), the last holding the rest; a document that does not fit spills into the next shard.
+The shards are numbered across both splits like build-nanogpt's: {prefix}_val_000000.bin,
+{prefix}_train_000001.bin, ... FineWeb-Edu keeps build-nanogpt's layout, a val shard as large
+as the others; your own text gets a tenth of it as val, at most 10M tokens, so a corpus of a
+few MB and one of 100 GB both give both splits. A corpus without a training window (513
+tokens) for each split is refused.
 
 A shard is an llm.c .bin file: 256 little-endian int32 (MAGIC, VERSION, token count, zeros)
 and then the tokens as uint16, so llm.c's C trainer reads our shards and we read its shards.
@@ -21,13 +25,14 @@ Safe to kill: a shard gets its final name only once it is complete and on disk, 
 {prefix}_manifest.json records where each shard starts. Run the same command again and it
 resumes from the first missing or damaged shard, ending with the same bytes as an uninterrupted
 run; a finished run with unchanged inputs returns at once. Nothing is lost by mistake: one
---out-dir takes one run at a time, and the shards of another input or --shard-size under the
-same --out-dir and --prefix are kept (and the run refused) unless you pass --overwrite.
+--out-dir takes one run at a time, and the shards of another input or size under the same
+--out-dir and --prefix are kept (and the run refused) unless you pass --overwrite. A run that
+fails before its first shard leaves nothing behind.
 
-From Python (train_gpt2.py does this):
+From Python (train_gpt2.py does this for its shakespeare preset, with sizes of its own):
 
     from fineweb import tokenize_local, list_shards, load_shard
-    tokenize_local(["input.txt"], "data/shakespeare", prefix="shakespeare", shard_size=2**15)
+    tokenize_local(["input.txt"], "data/shakespeare", prefix="shakespeare")
     tokens = load_shard(list_shards("data/shakespeare", "train")[0])  # read-only uint16 memmap
 """
 
@@ -36,13 +41,14 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
 
 import numpy as np
 
-from common import (ArgumentParser, DirLock, UserError, atomic_write, hub_offline,
+from common import (ArgumentParser, DirLock, Range, UserError, atomic_write, hub_offline,
                     hub_unreachable, run_cli)
 from tokenizer import EOT, get_encoding
 
@@ -54,9 +60,16 @@ HEADER_INTS = 256  # the header is 256 int32: magic, version, token count, then 
 HEADER_BYTES = HEADER_INTS * 4
 
 FINEWEB = "HuggingFaceFW/fineweb-edu"
+FINEWEB_DIR = "edu_fineweb10B"  # where build-nanogpt puts it, and train_gpt2.py looks
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DOCS_PER_TASK = 256          # documents a worker gets at once: ~1 MB of text, so pipes are cheap
 SMALL_INPUT_BYTES = 8 << 20  # less takes under a second on one core: not worth a pool
+MAX_WORKERS = 1024           # more processes than any machine has cores only costs memory
+SHARD_SIZE = 10**8           # tokens per training shard: build-nanogpt's
+VAL_SPLIT_MAX = 10**7        # a local corpus's val split: a tenth of it, at most this
+# A training run reads windows of batch-size x seq-len + 1 tokens from each split; the
+# smallest preset's (shakespeare, 4 x 128) is the least a corpus must give both splits.
+MIN_SPLIT_TOKENS = 4 * 128 + 1
 
 
 class ShardError(UserError):
@@ -333,7 +346,9 @@ def encode_documents(texts):
 def _end_with_parent():
     """Pool initializer: the worker ends when the process that started it dies, even by
     kill -9, instead of tokenizing on for nobody. (A worker orphaned before this runs has no
-    task yet: it ends when its task pipe closes.)"""
+    task yet: it ends when its task pipe closes.) It ignores Ctrl-C, which the parent
+    answers (see _worker_pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         import ctypes
@@ -360,28 +375,28 @@ def _encode_task(task):  # what a pool worker runs: top level, so it pickles on 
     return first_doc, encode_documents(texts)
 
 
-def pack_shards(encoded, shard_size, skip=0, progress=None):
-    """Cuts a token stream into shards of exactly shard_size tokens, the last holding the rest.
+def pack_shards(encoded, shard_size, skip=0, first_size=None):
+    """Cuts a token stream into shards of exactly shard_size tokens, the last holding the rest;
+    the first shard holds first_size tokens instead when given (the val split).
 
     encoded yields (first_doc, tokens) in document order; the first `skip` tokens are dropped
     (a resumed run restarts at a document that the last shard already holds part of). Yields
     (shard, resume): shard is a view of one reused buffer, so write it before asking for the
     next; resume = (document, tokens to skip) is where the stream after this shard starts.
     """
-    buffer = np.empty(shard_size, dtype=np.uint16)  # never a Python list of tokens
+    size = first_size or shard_size
+    buffer = np.empty(max(size, shard_size), dtype=np.uint16)  # never a Python list of tokens
     filled = 0
     for first_doc, tokens in encoded:
         pos = min(skip, len(tokens))
         skip -= pos
         while pos < len(tokens):
-            n = min(shard_size - filled, len(tokens) - pos)
+            n = min(size - filled, len(tokens) - pos)
             buffer[filled:filled + n] = tokens[pos:pos + n]
             filled, pos = filled + n, pos + n
-            if progress is not None:
-                progress.update(n)
-            if filled == shard_size:
-                yield buffer, (first_doc, pos)
-                filled = 0
+            if filled == size:
+                yield buffer[:size], (first_doc, pos)
+                filled, size = 0, shard_size
     if filled:
         yield buffer[:filled], None
 
@@ -434,6 +449,63 @@ def largest_token_id(data_dir):
     largest = [records.get(os.path.basename(path), {}).get("largest_id")
                for path in list_shards(data_dir, "val") + list_shards(data_dir, "train")]
     return None if not largest or None in largest else max(largest)
+
+
+def _command(key, out_dir, prefix, same_key):
+    """The fineweb.py command that makes the shards a manifest's key describes: that key
+    exactly (to resume its run), or else with today's defaults for the layout."""
+    local = "inputs" in key
+    args = ["--input", *(i["path"] for i in key["inputs"])] if local else \
+        [] if key["name"] == "sample-10BT" else ["--name", key["name"]]
+    args += ["--out-dir", out_dir]
+    if prefix != ("local" if local else "edufineweb"):
+        args += ["--prefix", prefix]
+    if same_key and key["shard_size"] != SHARD_SIZE:
+        args += ["--shard-size", str(key["shard_size"])]
+    val = key.get("val_split_tokens", key["shard_size"])  # absent: shard 0 is a whole shard
+    if same_key and isinstance(val, int) and (local or val != key["shard_size"]):
+        args += ["--val-split-tokens", str(val)]
+    return shlex.join(["python", "fineweb.py", *args])
+
+
+def check_splits(data_dir):
+    """Raises an InputError unless data_dir holds a val and a training split of each prefix
+    there: a training run asks before it builds anything, and the line names the fineweb.py
+    command that makes what is missing."""
+    counts = {}  # prefix -> [val shards, train shards]
+    for i, split in enumerate(["val", "train"]):
+        for path in list_shards(data_dir, split):
+            prefix = SHARD_NAME.fullmatch(os.path.basename(path))["prefix"]
+            counts.setdefault(prefix, [0, 0])[i] += 1
+    lacking = sorted(prefix for prefix, (val, train) in counts.items() if not (val and train))
+    if counts and not lacking:
+        return
+    quoted = shlex.quote(os.fspath(data_dir))
+    if not counts and os.path.basename(os.path.normpath(data_dir)) == FINEWEB_DIR:
+        raise InputError(f"no shards in {data_dir}/: run `python fineweb.py` to make them "
+                         "(FineWeb-Edu, 10B tokens, needs the internet), or `python fineweb.py "
+                         "--input FILE... --out-dir DIR` for your own text and then --data-dir "
+                         "DIR, or try `python train_gpt2.py --preset shakespeare`")
+    if not counts:
+        raise InputError(f"no shards in {data_dir}/: make them from your own text with "
+                         f"`python fineweb.py --input FILE... --out-dir {quoted}`")
+    found = ", ".join(f"{p}: {val} val and {train} train shard(s)"
+                      for p, (val, train) in sorted(counts.items()))
+    prefix = lacking[0]
+    state = _read_manifest(_manifest_path(data_dir, prefix))
+    if state and (not state["done"] or _first_damaged(data_dir, state["shards"]) is not None):
+        todo = "its fineweb.py run did not finish, or a shard it wrote is gone; run it again: " \
+            f"`{_command(state['key'], os.fspath(data_dir), prefix, same_key=True)}`"
+    elif state:
+        todo = "an older fineweb.py put all of a corpus smaller than --shard-size in val; " \
+            f"make both splits with " \
+            f"`{_command(state['key'], os.fspath(data_dir), prefix, same_key=False)} --overwrite`"
+    else:
+        todo = f"make both splits with `python fineweb.py --input FILE... --out-dir {quoted}" + \
+            ("`" if prefix == "local" else f" --prefix {shlex.quote(prefix)}`") + \
+            " (--overwrite replaces these)"
+    raise InputError(f"{data_dir}/ holds {found}, and a run needs a val and a train split of "
+                     f"each prefix: {todo}")
 
 
 def _first_damaged(out_dir, shards):
@@ -491,8 +563,8 @@ def _start_over(out_dir, prefix, key, old_state, overwrite):
     manifest = _manifest_path(out_dir, prefix)
     if ours and not overwrite:
         name = os.path.basename(manifest)
-        made_by = f"are of another input or --shard-size (see {name})" if old_state else \
-            f"have no {name} that says what they hold"
+        made_by = f"are of another input, --shard-size or --val-split-tokens (see {name})" \
+            if old_state else f"have no {name} that says what they hold"
         raise InputError(f"{out_dir}: its {len(ours)} {prefix} shards {made_by}; keep them by "
                          "writing these with another --out-dir or --prefix, or replace them "
                          "with --overwrite")
@@ -504,9 +576,9 @@ def _start_over(out_dir, prefix, key, old_state, overwrite):
         os.remove(os.path.join(out_dir, name))
     if ours:
         print(f"{prefix}: removed {len(ours)} shards of another run from {out_dir} (overwrite)")
-    state = {"key": key, "shards": {}, "resume": [0, 0], "done": False}
-    _write_manifest(manifest, state)  # before a shard: one written just before a kill is ours
-    return state
+    # no manifest yet: _tokenize writes it just before the first shard, so a run that fails
+    # before one leaves nothing behind
+    return {"key": key, "shards": {}, "resume": [0, 0], "done": False}
 
 
 def _start(out_dir, prefix, key, overwrite):
@@ -528,31 +600,108 @@ def _start(out_dir, prefix, key, overwrite):
     return state
 
 
-def _tokenize(sources, state, out_dir, prefix, shard_size, workers):
-    """Writes the shards from state["resume"] on, recording each in the manifest."""
+def _read_ahead(encoded, val_split_tokens, corpus):
+    """(the same stream, the size of its val split), reading ahead only as far as it takes
+    to know that size and that the corpus holds both splits. With val_split_tokens None the
+    val split is a tenth of the corpus, at most VAL_SPLIT_MAX: a corpus whose size nobody
+    knows before it is tokenized (a stream, a .txt file) then keeps up to ten times that in
+    memory (200 MB) until it is known. Too small a corpus is refused before a file is written."""
+    enough = (val_split_tokens or 10 * VAL_SPLIT_MAX) + MIN_SPLIT_TOKENS
+    chunks, total = [], 0
+    for chunk in encoded:
+        chunks.append(chunk)
+        total += len(chunk[1])
+        if total >= enough:
+            return itertools.chain(chunks, encoded), val_split_tokens or VAL_SPLIT_MAX
+    val = val_split_tokens or min(VAL_SPLIT_MAX, total // 10)
+    if min(val, total - val) < MIN_SPLIT_TOKENS:
+        need, split, todo = (val_split_tokens + MIN_SPLIT_TOKENS, f"--val-split-tokens {val:,}",
+                             " or a smaller --val-split-tokens") if val_split_tokens else \
+            (10 * MIN_SPLIT_TOKENS, "a tenth", "")
+        raise InputError(f"{corpus}: {total:,} token{'s' * (total != 1)}, too few to train on: "
+                         f"a run needs at least {need:,}, so that the val split ({split}) and "
+                         f"the training split each hold one window of {MIN_SPLIT_TOKENS} "
+                         f"tokens (4 x 128 + 1, what --preset shakespeare reads); give more "
+                         f"text{todo}")
+    return iter(chunks), val
+
+
+@contextlib.contextmanager
+def _ignoring_sigint():
+    """Ctrl-C ignored inside the block, where the main thread can set it. Processes started
+    here inherit that, spawned ones too: Python keeps an ignored SIGINT ignored."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread, which alone gets signals anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers):
+    """A pool of tokenizer processes, or None for workers=1. Ctrl-C reaches the whole process
+    group: the workers ignore it, so only the parent says what happened, and the pool ends
+    them as the parent leaves this block."""
+    if workers == 1:
+        yield None
+        return
     import multiprocessing
+    with _ignoring_sigint():
+        pool = multiprocessing.Pool(workers, _end_with_parent)
+    with pool:
+        yield pool
+
+
+def _counting(encoded, bar):
+    for chunk in encoded:
+        bar.update(len(chunk[1]))
+        yield chunk
+
+
+@contextlib.contextmanager
+def _progress_bar(prefix, initial, shards):
+    """tqdm's bar of the tokens read. It shows after a second, so a run refused at once
+    prints its error line alone, and one that fails later clears it from the terminal."""
     from tqdm import tqdm
+    with tqdm(desc=prefix, unit="tok", unit_scale=True, initial=initial, delay=1,
+              postfix={"shards": shards}) as bar:
+        try:
+            yield bar
+        except BaseException:
+            bar.leave = False  # close() then clears the line
+            raise
+
+
+def _tokenize(sources, state, out_dir, prefix, shard_size, workers, val_split_tokens, corpus):
+    """Writes the shards from state["resume"] on, recording each in the manifest."""
     assert get_encoding().n_vocab <= 2**16, "token ids must fit in uint16"
     manifest = _manifest_path(out_dir, prefix)
     start_doc, skip = state["resume"]
-    written = sum(record["tokens"] for record in state["shards"].values())
+    # the bar counts tokens read: the stream restarts `skip` tokens before the first new one
+    written = sum(record["tokens"] for record in state["shards"].values()) - skip
     # The pool first: forked workers then inherit the tokenizer but none of datasets' threads.
-    with (multiprocessing.Pool(workers, _end_with_parent) if workers > 1
-          else contextlib.nullcontext()) as pool, \
-            sources as docs_sources, \
-            tqdm(desc=prefix, unit="tok", unit_scale=True, initial=written,
-                 postfix={"shards": len(state["shards"])}) as bar:
+    with _worker_pool(workers) as pool, sources as docs_sources, \
+            _progress_bar(prefix, written, len(state["shards"])) as bar:
         tasks = _tasks(_documents(docs_sources, start_doc), start_doc)
-        encoded = pool.imap(_encode_task, tasks) if pool else map(_encode_task, tasks)
-        t0, new_tokens = time.time(), 0
-        for shard, resume in pack_shards(encoded, shard_size, skip, progress=bar):
+        encoded = _counting(pool.imap(_encode_task, tasks) if pool else
+                            map(_encode_task, tasks), bar)
+        t0, new_tokens, val_size = time.time(), 0, None
+        if not state["shards"]:  # from the start, so the val split comes first
+            encoded, val_size = _read_ahead(encoded, val_split_tokens, corpus)
+        for shard, resume in pack_shards(encoded, shard_size, skip, val_size):
             name = shard_name(prefix, len(state["shards"]))
+            if not state["shards"]:  # before a shard: one written just before a kill is ours
+                _write_manifest(manifest, state)
             write_shard(os.path.join(out_dir, name), shard)
             state["shards"][name] = {"tokens": len(shard), "start": state["resume"],
                                      "largest_id": int(shard.max())}
             state["resume"], state["done"] = resume, resume is None
             _write_manifest(manifest, state)
-            bar.set_postfix(shards=len(state["shards"]))
+            bar.set_postfix(shards=len(state["shards"]), refresh=False)  # shown by update
             new_tokens += len(shard)
         seconds = time.time() - t0
     state["done"] = True
@@ -562,14 +711,19 @@ def _tokenize(sources, state, out_dir, prefix, shard_size, workers):
           f"{len(state['shards'])} shards in {out_dir}")
 
 
-def build_shards(sources, key, out_dir, prefix, shard_size, workers, overwrite=False):
+def build_shards(sources, key, out_dir, prefix, shard_size, workers, overwrite=False, *,
+                 val_split_tokens=None, corpus="the corpus"):
     """Tokenizes the documents of `sources` (a context manager yielding them) into shards in
     out_dir, recording progress in {prefix}_manifest.json: does nothing when a finished run
     with the same `key` left them intact, resumes an unfinished one, and replaces the shards
-    of another key only with `overwrite`. Returns the shard paths."""
-    if not 0 < shard_size < 2**31:
-        raise ValueError(f"shard_size must be between 1 and 2**31 - 1, got {shard_size}")
+    of another key only with `overwrite`. Shard 0, the val split, holds val_split_tokens
+    tokens (None: a tenth of the corpus, at most VAL_SPLIT_MAX), the training shards
+    shard_size each; `corpus` names the input in errors. Returns the shard paths."""
+    for name, size in [("shard_size", shard_size), ("val_split_tokens", val_split_tokens)]:
+        if size is not None and not 0 < size < 2**31:
+            raise ValueError(f"{name} must be between 1 and 2**31 - 1, got {size}")
     _check_prefix(prefix)
+    made_out_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # Read-only, without the lock: runs that only use the shards (every shakespeare training
     # run asks) never get in each other's way.
@@ -582,14 +736,28 @@ def build_shards(sources, key, out_dir, prefix, shard_size, workers, overwrite=F
         _remove_temp_files(out_dir, prefix)
         state = _start(out_dir, prefix, key, overwrite)
         if not state["done"]:  # done: another run finished them since we looked
-            _tokenize(sources, state, out_dir, prefix, shard_size, workers)
+            _tokenize(sources, state, out_dir, prefix, shard_size, workers, val_split_tokens,
+                      corpus)
+    except BaseException:
+        if made_out_dir:  # a failed first run leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only when empty: what a run left to resume from stays
+        raise
     finally:
         lock.release()
     return [os.path.join(out_dir, name) for name in state["shards"]]
 
 
-def tokenize_local(paths, out_dir, *, prefix="local", shard_size=10**8, workers=None,
-                   streaming=False, overwrite=False):
+def _layout(key, shard_size, val_split_tokens):
+    """The manifest key with the val split's size, which it names only where shard 0 is not
+    shard_size tokens, so the shards of runs from before --val-split-tokens are still ours."""
+    if val_split_tokens != shard_size:
+        key["val_split_tokens"] = val_split_tokens or f"a tenth, at most {VAL_SPLIT_MAX}"
+    return key
+
+
+def tokenize_local(paths, out_dir, *, prefix="local", shard_size=SHARD_SIZE,
+                   val_split_tokens=None, workers=None, streaming=False, overwrite=False):
     """Tokenizes local .txt/.jsonl/.json/.parquet files into shards (see the module docstring);
     cached: unchanged inputs return the existing shard paths without tokenizing. Shards of
     other inputs under the same out_dir and prefix are replaced only with overwrite=True."""
@@ -612,17 +780,24 @@ def tokenize_local(paths, out_dir, *, prefix="local", shard_size=10**8, workers=
     if workers is None:
         small = sum(s.st_size for s in stats) < SMALL_INPUT_BYTES
         workers = 1 if small else os.cpu_count() or 1
-    return build_shards(_local_sources(paths, streaming), key, out_dir, prefix, shard_size, workers,
-                        overwrite)
+    corpus = paths[0] if len(paths) == 1 else f"{len(paths)} input files together"
+    return build_shards(_local_sources(paths, streaming), _layout(key, shard_size,
+                        val_split_tokens), out_dir, prefix, shard_size, workers, overwrite,
+                        val_split_tokens=val_split_tokens, corpus=corpus)
 
 
-def tokenize_fineweb(out_dir="edu_fineweb10B", *, name="sample-10BT", prefix="edufineweb",
-                     shard_size=10**8, workers=None, streaming=False, overwrite=False):
-    """Downloads FineWeb-Edu's `name` subset from the Hugging Face hub and tokenizes it."""
+def tokenize_fineweb(out_dir=FINEWEB_DIR, *, name="sample-10BT", prefix="edufineweb",
+                     shard_size=SHARD_SIZE, val_split_tokens=None, workers=None,
+                     streaming=False, overwrite=False):
+    """Downloads FineWeb-Edu's `name` subset from the Hugging Face hub and tokenizes it; its
+    val split is shard_size tokens, as in build-nanogpt, unless val_split_tokens says."""
     key = {"dataset": FINEWEB, "name": name, "shard_size": shard_size,
            "tokenizer": "gpt2, EOT before each document"}
-    return build_shards(_fineweb_sources(name, streaming), key, out_dir, prefix, shard_size,
-                        workers or os.cpu_count() or 1, overwrite)
+    val_split_tokens = val_split_tokens or shard_size
+    return build_shards(_fineweb_sources(name, streaming), _layout(key, shard_size,
+                        val_split_tokens), out_dir, prefix, shard_size,
+                        workers or os.cpu_count() or 1, overwrite,
+                        val_split_tokens=val_split_tokens, corpus=f"{FINEWEB} ({name})")
 
 
 def prepare_run_data(cfg, master=True, barrier=None):
@@ -633,16 +808,13 @@ def prepare_run_data(cfg, master=True, barrier=None):
         cfg.data_dir = os.path.join(HERE, "data", "shakespeare")
         if master:
             # the script's own cache, replaced when input.txt changes; 2**15 tokens per
-            # shard, so shard 0 (val) holds about a tenth of the text
+            # shard, val included, so val holds about a tenth of the text as it always has
             tokenize_local([os.path.join(HERE, "input.txt")], cfg.data_dir,
                            prefix="shakespeare", shard_size=2 ** 15, workers=1,
-                           overwrite=True)
+                           val_split_tokens=2 ** 15, overwrite=True)
         if barrier is not None:
             barrier()
-    if not os.path.isdir(cfg.data_dir) or not list_shards(cfg.data_dir, "train"):
-        raise UserError(f"no training shards in {cfg.data_dir}/: run `python fineweb.py` to "
-                        "make them (FineWeb-Edu, 10B tokens), or try "
-                        "`python train_gpt2.py --preset shakespeare`")
+    check_splits(cfg.data_dir)  # both splits, or the fineweb.py command that makes them
     largest = largest_token_id(cfg.data_dir)  # from the manifest: no shard is read
     if largest is not None and largest >= cfg.vocab_size:
         raise UserError(f"{cfg.data_dir}/ holds token id {largest}: use a --vocab-size above "
@@ -660,31 +832,37 @@ def main(argv=None):
                         "or data/PREFIX with --input)")
     parser.add_argument("--prefix", help="shard file name prefix (default: edufineweb, "
                         "or local with --input)")
-    parser.add_argument("--shard-size", type=int, default=10**8,
-                        help="tokens per shard (default: %(default)s)")
-    parser.add_argument("--workers", type=int, help="tokenizer processes (default: one per core; "
-                        "1 for local inputs under 8 MB, where a pool costs more than it saves)")
+    # the header holds a shard's token count as an int32
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, range=Range(1, 2**31 - 1),
+                        help="tokens per training shard (default: %(default)s)")
+    parser.add_argument("--val-split-tokens", type=int, metavar="N",
+                        range=Range(MIN_SPLIT_TOKENS, 2**31 - 1),
+                        help="tokens in the val split, shard 0 (default: a tenth of the corpus, "
+                        f"at most {VAL_SPLIT_MAX:,}, with --input; --shard-size for FineWeb-Edu)")
+    parser.add_argument("--workers", type=int, range=Range(1, MAX_WORKERS),
+                        help="tokenizer processes (default: one per core; 1 for local inputs "
+                        "under 8 MB, where a pool costs more than it saves)")
     parser.add_argument("--streaming", action="store_true", help="read the data while it "
                         "downloads instead of into the Hugging Face cache first")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards that "
-                        "another input or --shard-size left under the same --out-dir and "
-                        "--prefix (without it they are kept, and the run refused)")
+                        "another input, --shard-size or --val-split-tokens left under the same "
+                        "--out-dir and --prefix (without it they are kept, and the run refused)")
     args = parser.parse_args(argv)
-    if not 0 < args.shard_size < 2**31:
-        parser.error("--shard-size must be between 1 and 2**31 - 1 (the header holds an int32)")
-    if args.workers is not None and args.workers < 1:
-        parser.error("--workers must be at least 1")
+    parser.check_ranges(args, {"shard_size": SHARD_SIZE, "workers": "one per core",
+                               "val_split_tokens": "a tenth of --input, at most "
+                               f"{VAL_SPLIT_MAX:,}; --shard-size for FineWeb-Edu"})
     try:
         if args.input:
             prefix = args.prefix or "local"
             tokenize_local(args.input, args.out_dir or os.path.join("data", prefix), prefix=prefix,
-                           shard_size=args.shard_size, workers=args.workers,
-                           streaming=args.streaming, overwrite=args.overwrite)
+                           shard_size=args.shard_size, val_split_tokens=args.val_split_tokens,
+                           workers=args.workers, streaming=args.streaming,
+                           overwrite=args.overwrite)
         else:
-            tokenize_fineweb(args.out_dir or "edu_fineweb10B", name=args.name,
+            tokenize_fineweb(args.out_dir or FINEWEB_DIR, name=args.name,
                              prefix=args.prefix or "edufineweb", shard_size=args.shard_size,
-                             workers=args.workers, streaming=args.streaming,
-                             overwrite=args.overwrite)
+                             val_split_tokens=args.val_split_tokens, workers=args.workers,
+                             streaming=args.streaming, overwrite=args.overwrite)
     except OSError as e:  # an unwritable --out-dir, a full disk
         raise UserError(f"{e.filename or args.out_dir}: {e.strerror or e}") from None
     except KeyboardInterrupt:

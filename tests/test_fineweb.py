@@ -1,7 +1,9 @@
 """
 Tests for fineweb.py: shards round-trip, cut at the right places, read llm.c's format and
-build-nanogpt's .npy, survive SIGKILL, cache, resume from a missing shard, never replace
-another run's shards by mistake, and fail on bad input with one clear line.
+build-nanogpt's .npy, survive SIGKILL and Ctrl-C, cache, resume from a missing shard, never
+replace another run's shards by mistake, give any corpus big enough a val and a train split
+(and train_gpt2.py the command that makes a missing one), and fail on bad input or an out of
+range flag with one clear line, leaving nothing behind.
 
     python -m pytest -q tests/test_fineweb.py
 """
@@ -10,7 +12,6 @@ import contextlib
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -22,8 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import common
 import fineweb
-from conftest import ROOT
+import train_gpt2
+from conftest import ROOT, TINY, read_log, run
 from fineweb import MAGIC, VERSION, HEADER_INTS, ShardError
 from tokenizer import EOT, get_encoding
 
@@ -167,21 +170,64 @@ def test_fineweb_from_the_hub_with_a_stand_in_dataset(tmp_path, hf_cache, monkey
 def test_shard_boundaries(tmp_path):
     docs = make_docs(30, seed=4)
     stream = expected_stream(docs)
-    for shard_size in [1000, 777]:
-        out = tmp_path / f"out{shard_size}"
-        paths = []
-        for i, d in enumerate(docs):
-            (tmp_path / f"d{i}.txt").write_text(d, encoding="utf-8")
-            paths.append(tmp_path / f"d{i}.txt")
-        shards = fineweb.tokenize_local(paths, out, prefix="b", shard_size=shard_size, workers=1)
+    paths = []
+    for i, d in enumerate(docs):
+        (tmp_path / f"d{i}.txt").write_text(d, encoding="utf-8")
+        paths.append(tmp_path / f"d{i}.txt")
+    # the val split as large as a training shard (build-nanogpt's layout), larger, smaller,
+    # and by default a tenth of the corpus
+    for shard_size, val in [(1000, 1000), (777, 1500), (1200, 600), (1000, None)]:
+        out = tmp_path / f"out{shard_size}_{val}"
+        shards = fineweb.tokenize_local(paths, out, prefix="b", shard_size=shard_size,
+                                        val_split_tokens=val, workers=1)
         names = [os.path.basename(s) for s in shards]
         assert names == ["b_val_000000.bin"] + [f"b_train_{i:06d}.bin"
                                                 for i in range(1, len(shards))]
         assert fineweb.list_shards(out, "val") == [str(out / names[0])]
         assert fineweb.list_shards(out, "train") == [str(out / n) for n in names[1:]]
         sizes = [len(fineweb.load_shard(s)) for s in shards]
-        assert sizes[:-1] == [shard_size] * (len(shards) - 1) and 0 < sizes[-1] <= shard_size
+        assert sizes[0] == (val or len(stream) // 10)
+        assert sizes[1:-1] == [shard_size] * (len(shards) - 2) and 0 < sizes[-1] <= shard_size
         assert np.array_equal(concat(shards), stream)
+
+
+def test_a_text_of_a_megabyte_gets_both_splits_without_flags(tmp_path):
+    shards = fineweb.tokenize_local([ROOT / "input.txt"], tmp_path / "out")
+    stream = expected_stream([(ROOT / "input.txt").read_text(encoding="utf-8")])
+    assert [os.path.basename(p) for p in shards] == ["local_val_000000.bin",
+                                                     "local_train_000001.bin"]
+    assert len(fineweb.load_shard(shards[0])) == len(stream) // 10  # a tenth is val
+    assert np.array_equal(concat(shards), stream)
+    fineweb.check_splits(tmp_path / "out")  # what train_gpt2.py asks: both splits are there
+
+
+def test_the_val_split_of_a_large_corpus_stops_at_its_cap(tmp_path, monkeypatch):
+    # as a corpus of more than 100M tokens would, at a scale a test can afford: the run
+    # reads ahead until the val split is sure to be the cap, then streams the rest
+    monkeypatch.setattr(fineweb, "VAL_SPLIT_MAX", 1000)
+    docs = make_docs(60, seed=11)
+    paths = []
+    for i, doc in enumerate(docs):
+        paths.append(tmp_path / f"d{i}.txt")
+        paths[-1].write_text(doc, encoding="utf-8")
+    stream = expected_stream(docs)
+    assert len(stream) > 10 * 1000 + 3 * 3000
+    shards = fineweb.tokenize_local(paths, tmp_path / "out", shard_size=3000)
+    sizes = [len(fineweb.load_shard(p)) for p in shards]
+    assert sizes[0] == 1000 and set(sizes[1:-1]) == {3000} and 0 < sizes[-1] <= 3000
+    assert np.array_equal(concat(shards), stream)
+
+
+def test_your_own_text_in_two_commands_trains(tmp_path):
+    # the README's local-corpus example, with no size flags, then a tiny GPT on GPT-2's
+    # vocabulary: the val loss falls
+    data, log_dir = str(tmp_path / "data"), str(tmp_path / "log")
+    run(["fineweb.py", "--input", "input.txt", "--out-dir", data])
+    assert common.run_cli(train_gpt2.main, [
+        *TINY, "--vocab-size", "50304", "--total-batch-size", "128", "--max-lr", "1e-2",
+        "--eval-every", "6", "--max-steps", "12", "--data-dir", data, "--log-dir", log_dir]) == 0
+    val = [v for _, stream, v in read_log(log_dir) if stream == "val"]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5
 
 
 def test_pack_shards_exact_multiple_and_skip():
@@ -355,7 +401,7 @@ def test_shards_of_another_input_are_kept_unless_overwrite(tmp_path, hf_cache):
     first = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000)
     kept = {p: Path(p).read_bytes() for p in first + [str(out / "c_manifest.json")]}
     other = tmp_path / "other.txt"
-    other.write_text(docs[0])
+    other.write_text("".join(docs[5:30]))
     write_jsonl(data, docs[:20])  # the same file, now other documents
     for paths, shard_size in [([data], 4000), ([other], 4000), ([data], 3000)]:
         with pytest.raises(fineweb.InputError, match=r"--out-dir or --prefix.*--overwrite"):
@@ -364,7 +410,7 @@ def test_shards_of_another_input_are_kept_unless_overwrite(tmp_path, hf_cache):
     # another prefix in the same directory keeps both
     mine = fineweb.tokenize_local([other], out, prefix="mine", shard_size=4000)
     assert {p: Path(p).read_bytes() for p in kept} == kept
-    assert np.array_equal(concat(mine), expected_stream(docs[:1]))
+    assert np.array_equal(concat(mine), expected_stream(["".join(docs[5:30])]))
 
     second = fineweb.tokenize_local([data], out, prefix="c", shard_size=4000, overwrite=True)
     assert len(second) < len(first)  # fewer documents: fewer shards, and the others are gone
@@ -378,13 +424,15 @@ def test_shards_without_a_manifest_are_kept_unless_overwrite(tmp_path):
     out = tmp_path / "edu"
     out.mkdir()
     fineweb.write_shard(out / "edufineweb_train_000001.bin", np.arange(10, dtype=np.uint16))
-    (tmp_path / "a.txt").write_text("hello world")
+    text = make_docs(1, size=(40000, 40000))[0]
+    (tmp_path / "a.txt").write_text(text)
     with pytest.raises(fineweb.InputError, match=r"1 edufineweb shards have no edufineweb_mani"):
         fineweb.tokenize_local([tmp_path / "a.txt"], out, prefix="edufineweb")
     assert os.listdir(out) == ["edufineweb_train_000001.bin"]
     shards = fineweb.tokenize_local([tmp_path / "a.txt"], out, prefix="edufineweb", overwrite=True)
-    assert sorted(os.listdir(out)) == ["edufineweb_manifest.json", "edufineweb_val_000000.bin"]
-    assert np.array_equal(concat(shards), expected_stream(["hello world"]))
+    assert sorted(os.listdir(out)) == ["edufineweb_manifest.json", "edufineweb_train_000001.bin",
+                                       "edufineweb_val_000000.bin"]
+    assert np.array_equal(concat(shards), expected_stream([text]))
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -421,6 +469,69 @@ def test_a_missing_or_damaged_shard_is_made_again_from_where_it_starts(tmp_path,
     assert np.array_equal(concat(shards), expected_stream(docs))
 
 
+def test_check_splits_names_the_command_that_makes_the_missing_split(tmp_path):
+    def refusal(data_dir):
+        with pytest.raises(fineweb.InputError) as error:
+            fineweb.check_splits(data_dir)
+        return str(error.value)
+
+    said = refusal(tmp_path / "edu_fineweb10B")  # a fresh clone's plain train_gpt2.py
+    assert "`python fineweb.py` to make them (FineWeb-Edu, 10B tokens" in said
+    assert "--preset shakespeare" in said
+    said = refusal(tmp_path / "mine")  # anywhere else: no FineWeb-Edu, your own text
+    assert said == f"no shards in {tmp_path}/mine/: make them from your own text with " \
+        f"`python fineweb.py --input FILE... --out-dir {tmp_path}/mine`"
+
+    out = tmp_path / "out"
+    text = tmp_path / "my text.txt"
+    text.write_text(make_docs(1, size=(40000, 40000))[0])
+    shards = fineweb.tokenize_local([text], out, shard_size=1000)
+    fineweb.check_splits(out)
+    command = f"python fineweb.py --input '{text}' --out-dir {out} --shard-size 1000"
+    # a training shard gone: the same command makes it again
+    os.remove(shards[-1])
+    os.remove(shards[-2])
+    fineweb.check_splits(out)  # some train shards are still there
+    for path in shards[1:-2]:
+        os.remove(path)
+    said = refusal(out)
+    assert said.startswith(f"{out}/ holds local: 1 val and 0 train shard(s)")
+    assert said.endswith(f"run it again: `{command}`")
+    # an older fineweb.py's layout: everything in shard 0, the manifest says it is finished
+    manifest = read_manifest(out, "local")
+    del manifest["key"]["val_split_tokens"]
+    manifest["shards"] = {"local_val_000000.bin": manifest["shards"]["local_val_000000.bin"]}
+    manifest["done"], manifest["resume"] = True, None
+    (out / "local_manifest.json").write_text(json.dumps(manifest))
+    assert refusal(out).endswith("make both splits with `python fineweb.py --input "
+                                 f"'{text}' --out-dir {out} --overwrite`")
+    # no manifest: shards made elsewhere, or copied without their train split
+    os.remove(out / "local_manifest.json")
+    os.rename(shards[0], out / "theirs_val_000000.bin")
+    fineweb.write_shard(out / "mine_train_000001.bin", np.arange(600, dtype=np.uint16))
+    said = refusal(out)
+    assert said.startswith(f"{out}/ holds mine: 0 val and 1 train shard(s), theirs: 1 val and "
+                           "0 train shard(s), and a run needs a val and a train split of each "
+                           "prefix: make both splits with `python fineweb.py --input FILE... "
+                           f"--out-dir {out} --prefix mine`")
+
+
+def test_train_gpt2_on_a_val_split_alone_says_which_command_fixes_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    text = tmp_path / "a.txt"
+    text.write_text(make_docs(1, size=(40000, 40000))[0])
+    fineweb.tokenize_local([text], out)
+    os.remove(out / "local_train_000001.bin")
+    capsys.readouterr()
+    assert common.run_cli(train_gpt2.main, TINY + ["--data-dir", str(out), "--log-dir",
+                                                   str(tmp_path / "log")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {out}/ holds local: 1 val and 0 train shard(s), and a run needs a " \
+        "val and a train split of each prefix: its fineweb.py run did not finish, or a shard " \
+        f"it wrote is gone; run it again: `python fineweb.py --input {text} --out-dir {out}`\n"
+    assert "10B" not in err
+
+
 def test_the_manifest_records_each_shards_largest_token_id(tmp_path):
     docs = ["a" * 3000 + " word" * 2000, "short", " the" * 1500]  # shards without an EOT
     for i, d in enumerate(docs):
@@ -428,13 +539,14 @@ def test_the_manifest_records_each_shards_largest_token_id(tmp_path):
     out = tmp_path / "out"
     assert fineweb.largest_token_id(out) is None
     shards = fineweb.tokenize_local([tmp_path / f"d{i}.txt" for i in range(3)], out, prefix="m",
-                                    shard_size=1000)
+                                    shard_size=1000, val_split_tokens=600)
     records = read_manifest(out, "m")["shards"]
     largest = [int(fineweb.load_shard(p).max()) for p in shards]
     assert [records[os.path.basename(p)]["largest_id"] for p in shards] == largest
     assert min(largest) < EOT  # some shard holds no document start
     assert fineweb.largest_token_id(out) == max(largest) == EOT
-    fineweb.tokenize_local([tmp_path / "d2.txt"], out, prefix="n", shard_size=1000)  # a second
+    fineweb.tokenize_local([tmp_path / "d2.txt"], out, prefix="n", shard_size=1000,  # a second
+                           val_split_tokens=600)
     assert fineweb.largest_token_id(str(out)) == EOT
     # a shard that no manifest describes could hold anything
     fineweb.write_shard(out / "foreign_train_000001.bin", np.array([7], dtype=np.uint16))
@@ -444,8 +556,11 @@ def test_the_manifest_records_each_shards_largest_token_id(tmp_path):
 def test_killed_at_any_moment_resumes_to_identical_shards(tmp_path, hf_cache):
     data = tmp_path / "docs.jsonl"
     write_jsonl(data, make_docs(600, seed=7, size=(1000, 10000)))  # ~1.2M tokens
-    args = ["--input", data, "--shard-size", 60_000, "--workers", 2]
-    reference = fineweb.tokenize_local([data], tmp_path / "ref", shard_size=60_000, workers=2)
+    # val as large as a shard: shards are written as the run goes (a default val split of a
+    # small corpus waits for all of it)
+    args = ["--input", data, "--shard-size", 60_000, "--val-split-tokens", 60_000, "--workers", 2]
+    reference = fineweb.tokenize_local([data], tmp_path / "ref", shard_size=60_000,
+                                       val_split_tokens=60_000, workers=2)
     ref_shards = {os.path.basename(p): Path(p).read_bytes() for p in reference}
     assert len(ref_shards) >= 15
 
@@ -524,13 +639,27 @@ def slow_input(tmp_path_factory):
     return path
 
 
+def holds_flock(pid, path):
+    """Whether process pid holds a flock on path, as /proc/locks tells (Linux)."""
+    inode = os.stat(path).st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # 1: FLOCK ADVISORY WRITE PID MAJOR:MINOR:INODE START END
+        if fields[1] == "FLOCK" and fields[4] == str(pid) and \
+                int(fields[5].rsplit(":", 1)[1]) == inode:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads /proc/locks")
 def test_a_second_run_into_one_out_dir_is_refused(tmp_path, slow_input):
     out = tmp_path / "out"
     first = run_fineweb("--input", slow_input, "--out-dir", out, "--workers", 1,
                         start_new_session=True)
     try:
-        # tqdm draws its bar once the run holds the directory, before it reads the input
-        assert select.select([first.stderr], [], [], 60)[0], "the first run never started"
+        deadline = time.time() + 60
+        while not (out.exists() and holds_flock(first.pid, out)):
+            assert first.poll() is None and time.time() < deadline, "the first run never started"
+            time.sleep(0.01)
         (tmp_path / "other.txt").write_text("another input")
         others = [run_fineweb("--input", path, "--out-dir", out)
                   for path in [tmp_path / "other.txt", slow_input]]
@@ -539,8 +668,11 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, slow_input):
             assert proc.returncode == 1
             assert err == f"error: {out}/ is in use by another fineweb.py run; wait for it to " \
                 "finish, or use another directory\n"
-        manifest = json.loads((out / "local_manifest.json").read_text())
-        assert [i["path"] for i in manifest["key"]["inputs"]] == [str(slow_input)]
+        # whatever is in out is the first run's: its manifest (once it has one) and shards
+        assert all(name.startswith("local_") for name in os.listdir(out))
+        if (out / "local_manifest.json").exists():
+            manifest = json.loads((out / "local_manifest.json").read_text())
+            assert [i["path"] for i in manifest["key"]["inputs"]] == [str(slow_input)]
     finally:
         first.kill()
         first.communicate()
@@ -591,6 +723,45 @@ def test_pool_workers_end_with_their_killed_parent(tmp_path, slow_input, platfor
         parent.communicate()
 
 
+@linux_only
+def test_ctrl_c_with_workers_is_one_line_and_the_run_resumes(tmp_path):
+    paths = []
+    for i, doc in enumerate(make_docs(300, seed=9, size=(1000, 10000))):  # ~600k tokens
+        paths.append(tmp_path / f"doc{i:03d}.txt")
+        paths[-1].write_text(doc, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--input", *paths, "--out-dir", out, "--shard-size", 20_000,
+            "--val-split-tokens", 20_000, "--workers", 2]
+    proc = run_fineweb(*args, start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / "local_train_000002.bin").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.003)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    said = [line for line in err.replace("\r", "\n").splitlines()
+            if line.strip() and not line.startswith("local: ")]  # less the progress bar
+    assert said == ["error: interrupted: run the same command again to resume from the last "
+                    "complete shard"]
+    deadline = time.time() + 5
+    while survivors := processes_in_group(proc.pid):
+        assert time.time() < deadline, f"workers outlived the interrupted run: {survivors}"
+        time.sleep(0.01)
+    kept = sorted(json.loads((out / "local_manifest.json").read_text())["shards"])
+    assert len(kept) >= 2  # shards 0 and 1 at least: 2 was on disk
+    before = file_ids([out / name for name in kept])
+
+    rerun = run_fineweb(*args)
+    rerun.communicate(timeout=120)
+    assert rerun.returncode == 0
+    assert file_ids([out / name for name in kept]) == before  # resumed, not started over
+    reference = fineweb.tokenize_local(paths, tmp_path / "ref", shard_size=20_000,
+                                       val_split_tokens=20_000, workers=1)
+    got = fineweb.list_shards(out, "val") + fineweb.list_shards(out, "train")
+    assert [Path(p).read_bytes() for p in got] == [Path(p).read_bytes() for p in reference]
+
+
 JSON_LINES = ['{"text": "one"}', '{"text": "two"}', '{"text": "three"}', '{"text": "four"}']
 
 
@@ -616,11 +787,18 @@ def _bad_runs(tmp_path):
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200))
     (tmp_path / "data.csv").write_text("text\nhello\n")
     (tmp_path / "fine.txt").write_text("hello")
-    cases = {"missing.txt": "no such file", "notext.jsonl": "record 2 has no 'text'",
-             "corrupt.parquet": "cannot load it", "data.csv": "unknown extension"}
-    runs = [(["--input", tmp_path / name], [name, want]) for name, want in cases.items()]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    cases = {"missing.txt": ["no such file"], "notext.jsonl": ["record 2 has no 'text'"],
+             "corrupt.parquet": ["cannot load it"], "data.csv": ["unknown extension"],
+             "latin1.txt": ["not UTF-8"],
+             "fine.txt": ["2 tokens, too few to train on", "at least 5,130", "give more text"],
+             "empty.txt": ["1 token, too few to train on", "at least 5,130"]}
+    runs = [(["--input", tmp_path / name], [name, *want]) for name, want in cases.items()]
     runs.append((["--input", tmp_path / "fine.txt", "--prefix", "my_train_set"],
                  ["my_train_set", "_train_"]))
+    runs.append((["--input", ROOT / "input.txt", "--val-split-tokens", 400_000],
+                 ["input.txt: 327,754 tokens", "at least 400,513", "smaller --val-split-tokens"]))
     return runs
 
 
@@ -633,7 +811,55 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, hf_cache):
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0, args
         assert "Traceback" not in err
-        lines = err.strip().splitlines()
+        # less the progress bar, which a slow machine shows before the corpus is found short
+        lines = [line for line in err.splitlines() if line.strip() and
+                 not line.startswith("local: ")]
         assert len(lines) == 1, err
         assert lines[0].startswith("error: "), lines[0]
         assert all(word in lines[0] for word in words), (words, lines[0])
+    # and left nothing that the next run would find: not even an empty --out-dir
+    assert not [i for i in range(len(runs)) if (tmp_path / f"out{i}").exists()]
+
+
+def test_a_failed_run_leaves_an_existing_out_dir_as_it_was(tmp_path, hf_cache):
+    out = tmp_path / "out"
+    theirs = fineweb.tokenize_local([ROOT / "input.txt"], out, prefix="theirs")
+    (tmp_path / "notext.jsonl").write_text('{"title": "no text here"}\n')
+    (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    (tmp_path / "small.txt").write_text("too little text")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    for name in ["notext.jsonl", "latin1.txt", "small.txt"]:
+        with pytest.raises(fineweb.InputError, match=name):
+            fineweb.tokenize_local([tmp_path / name], out)
+        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    # the next run of the same prefix starts as if none of them had happened
+    (tmp_path / "small.txt").write_text(make_docs(1, size=(40000, 40000))[0])
+    mine = fineweb.tokenize_local([tmp_path / "small.txt"], out)
+    assert [os.path.basename(p) for p in mine] == ["local_val_000000.bin", "local_train_000001.bin"]
+    assert sorted(os.listdir(out)) == sorted([*before, "local_manifest.json",
+                                              *map(os.path.basename, mine)])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert fineweb.tokenize_local([ROOT / "input.txt"], out, prefix="theirs") == theirs
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--shard-size", "0"], ["--shard-size 0 is out of range", "1 to 2147483647",
+                             "default 100000000"]),
+    (["--shard-size", str(2**31)], ["--shard-size 2147483648", "1 to 2147483647"]),
+    (["--val-split-tokens", "512"], ["--val-split-tokens 512", "513 to", "a tenth"]),
+    (["--workers", "0"], ["--workers 0", "1 to 1024", "default one per core"]),
+    (["--workers", "-2"], ["--workers -2", "1 to 1024"]),
+    (["--shard-size", "nan"], ["--shard-size", "'nan'"]),
+    (["--val-split-tokens", "inf"], ["--val-split-tokens", "'inf'"]),
+    (["--workers", "1.5"], ["--workers", "'1.5'"]),
+])
+def test_a_numeric_flag_out_of_range_is_one_line(tmp_path, capsys, args, words):
+    argv = ["--input", str(ROOT / "input.txt"), "--out-dir", str(tmp_path / "out"), *args]
+    try:
+        status = common.run_cli(fineweb.main, argv)
+    except SystemExit as e:  # argparse's own: not an int at all
+        status = e.code
+    assert status not in (0, None)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), (words, lines)
+    assert not (tmp_path / "out").exists()
