@@ -1,7 +1,9 @@
-"""Shared pieces of the tests: the repository root on sys.path, small token shards, and
-running the real scripts in a subprocess."""
+"""Shared pieces of the tests: the repository root on sys.path, the small models and
+argument lists they train, token shards and jsonl files, a network that refuses, and
+running the real scripts in a subprocess. Each helper is here once."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,21 +30,81 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--eval-every", "4", "--val-tokens", "1024", "--sample-every", "0",
         "--hellaswag-every", "0", "--device", "cpu", "--no-compile"]
 
+# The shakespeare preset, so the checkpoint holds real GPT-2 token ids of input.txt and
+# its samples decode to text, shrunk to a model that trains a step in a blink.
+SHAKESPEARE_TINY = ["--preset", "shakespeare", "--n-layer", "2", "--n-head", "2",
+                    "--n-embd", "32", "--block-size", "64", "--seq-len", "32",
+                    "--batch-size", "4", "--total-batch-size", "128", "--val-tokens", "256",
+                    "--sample-every", "0", "--device", "cpu"]
+
+# For `--preset shakespeare` in the steps of steps/ (test_steps.py): a GPT of 2 layers, 32
+# wide, on batches of 2 x 32 tokens and a val loss over 256, in place of 4 layers, 128
+# wide, 4 x 128 and 8192. Only flags that every step's train_gpt2.py has.
+SMALLER = ["--n-layer", "2", "--n-embd", "32", "--batch-size", "2", "--seq-len", "32",
+           "--total-batch-size", "64", "--val-tokens", "256"]
+
+# The run that wrote tests/data/checkpoint_1b9a2e4.pt with the code of commit 1b9a2e4
+# (before the one-script restructure), step 2 of 4, on write_token_shards' default data
+OLD_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32",
+           "--vocab-size", "512", "--batch-size", "4", "--seq-len", "32",
+           "--total-batch-size", "256", "--warmup-steps", "2", "--max-lr", "3e-3",
+           "--eval-every", "2", "--val-tokens", "512", "--sample-every", "0",
+           "--hellaswag-every", "0", "--device", "cpu", "--no-compile", "--no-bf16",
+           "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "0"]
+
+
+def tiny_hf_gpt2(seed=0, **shape):
+    """A randomly initialised transformers GPT2LMHeadModel with GPT-2's vocabulary, 2
+    layers of 64 unless shape says otherwise: what the tests load where a user loads
+    OpenAI's weights, which are out of reach here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
+    return GPT2LMHeadModel(GPT2Config(**dict(config, **shape))).eval()
+
+
+def write_shards(data_dir, streams, prefix="test"):
+    """Token arrays as shards through fineweb.write_shard (the real format): the first is
+    the val split's shard 0, the rest train shards."""
+    import fineweb
+    os.makedirs(data_dir, exist_ok=True)
+    for i, tokens in enumerate(streams):
+        split = "val" if i == 0 else "train"
+        fineweb.write_shard(os.path.join(data_dir, f"{prefix}_{split}_{i:06d}.bin"),
+                            np.asarray(tokens, dtype=np.uint16))
+    return str(data_dir)
+
 
 def write_token_shards(data_dir, n_train=3, tokens_per_shard=4096, vocab=512, seed=0):
     """val shard 0 and n_train train shards of a repetitive token stream (so a model can
-    learn it), through fineweb.write_shard: the real format."""
-    import fineweb
-    os.makedirs(data_dir, exist_ok=True)
+    learn it)."""
     rng = np.random.default_rng(seed)
     phrase = rng.integers(0, vocab, size=97)
-    for i in range(n_train + 1):
+    streams = []
+    for _ in range(n_train + 1):
         noise = rng.integers(0, vocab, size=tokens_per_shard)
-        tokens = np.where(rng.random(tokens_per_shard) < 0.2, noise,
-                          np.resize(phrase, tokens_per_shard)).astype(np.uint16)
-        split = "val" if i == 0 else "train"
-        fineweb.write_shard(os.path.join(data_dir, f"test_{split}_{i:06d}.bin"), tokens)
-    return data_dir
+        streams.append(np.where(rng.random(tokens_per_shard) < 0.2, noise,
+                                np.resize(phrase, tokens_per_shard)))
+    return write_shards(data_dir, streams)
+
+
+def llmc_write(path, tokens):
+    """A shard in llm.c's layout, written the way its dev/data/data_common.py does it, with
+    plain numpy and none of our code: a 256-int32 header (magic, version, count), then the
+    uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        header.tofile(f)
+        np.asarray(tokens, dtype=np.uint16).tofile(f)
+
+
+def llmc_read(path):
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == 20240520 and header[1] == 1
+    tokens = np.fromfile(path, dtype=np.uint16, offset=256 * 4)
+    assert len(tokens) == header[2]
+    return tokens
 
 
 @pytest.fixture
@@ -50,13 +112,58 @@ def shards(tmp_path):
     return write_token_shards(str(tmp_path / "shards"))
 
 
+def start(args, **popen_kwargs):
+    """python ARGS... in the repository root, running: a Popen with text pipes."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, text=True,
+                            **dict(dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+                                   **popen_kwargs))
+
+
 def run(args, timeout=300, cwd=None, env=None, check=True):
     """python ARGS... in the repository root; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable] + args, cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable] + list(map(str, args)), cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def torchrun(extra, args, new_session=False):
+    """torchrun EXTRA train_gpt2.py ARGS, running, one thread per rank, its ranks' output
+    together on stdout."""
+    return start(["-m", "torch.distributed.run", *extra, "train_gpt2.py", *args],
+                 env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.STDOUT,
+                 start_new_session=new_session)
+
+
+# a git that needs no identity of the machine's and reads no configuration of the user's
+GIT_ENV = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid")
+
+
+def git(repo, *args, **kwargs):
+    """git -C repo ARGS... -> its stdout; a failure raises."""
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          env=GIT_ENV, **kwargs).stdout
+
+
+# The start of `python -c` code whose network must stay out of reach: every way to open
+# a connection raises
+NO_NETWORK = ("import socket\n"
+              "def refuse(*a, **k): raise OSError('network blocked by the test')\n"
+              "socket.socket.connect = refuse\n"
+              "socket.create_connection = refuse\n"
+              "socket.getaddrinfo = refuse\n")
+
+
+def refuse_network(monkeypatch, error=OSError("network blocked by the test")):
+    """The same in this process, for the rest of the test: a connection raises error."""
+    def refuse(*args, **kwargs):
+        raise error
+    for owner, name in ((socket.socket, "connect"), (socket, "create_connection"),
+                        (socket, "getaddrinfo")):
+        monkeypatch.setattr(owner, name, refuse)
 
 
 def wait_for_line(proc, log_path, line):
@@ -109,10 +216,13 @@ EXAMPLES = [
 ]
 
 
-def write_jsonl(path, examples):
-    with open(path, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex) + "\n")
+def write_jsonl(path, records):
+    """One JSON object a line: each record a dict, or a text that becomes a corpus line
+    {"id": i, "text": text}."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, record in enumerate(records):
+            record = {"id": i, "text": record} if isinstance(record, str) else record
+            f.write(json.dumps(record) + "\n")
     return str(path)
 
 

@@ -31,6 +31,8 @@ import sys
 import time
 import traceback
 
+from conftest import git
+
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 
 
@@ -59,18 +61,11 @@ def save_stand_in_gpt2():
         f.write(revision)
     pid = os.fork()
     if pid == 0:
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-        torch.manual_seed(0)
-        config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
-        GPT2LMHeadModel(config).save_pretrained(os.path.join(model_dir, "snapshots", revision))
+        from conftest import tiny_hf_gpt2
+        tiny_hf_gpt2().save_pretrained(os.path.join(model_dir, "snapshots", revision))
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert status == 0, "could not save the stand-in for gpt2"
-
-
-def git(repo, *args):
-    subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True)
 
 
 def run_in_fork(repo, argv, log_path, timeout):

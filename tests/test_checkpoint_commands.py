@@ -12,18 +12,14 @@ import checkpoint
 import hellaswag
 import train_gpt2
 from common import run_cli
-from conftest import EXAMPLES, write_jsonl
+from conftest import EXAMPLES, SHAKESPEARE_TINY, write_jsonl
 
-# the shakespeare preset, shrunk to a model that trains a step in a blink
-SMALL = ["--preset", "shakespeare", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
-         "--block-size", "64", "--seq-len", "32", "--total-batch-size", "128",
-         "--val-tokens", "256", "--sample-every", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     log_dir = str(tmp_path_factory.mktemp("resume") / "run")
-    train_gpt2.main(SMALL + ["--max-steps", "2", "--log-dir", log_dir])
+    train_gpt2.main(SHAKESPEARE_TINY + ["--max-steps", "2", "--log-dir", log_dir])
     return log_dir, os.path.join(log_dir, "model_00002.pt")
 
 

@@ -5,13 +5,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import EXAMPLES, ROOT, TINY, read_log, run, wait_for_line, write_jsonl
+from conftest import EXAMPLES, TINY, read_log, run, torchrun, wait_for_line, write_jsonl
 
 STEPS = ["--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3",
          "--batch-size", "4", "--total-batch-size", "256"]  # B*T = 128: 2 micro steps
@@ -21,14 +20,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def torchrun(extra, args, new_session=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run"] + extra +
-                            ["train_gpt2.py"] + args, cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=new_session)
 
 
 def final_weights(log_dir):

@@ -26,7 +26,7 @@ import pytest
 import common
 import fineweb
 import train_gpt2
-from conftest import ROOT, TINY, read_log, run
+from conftest import ROOT, TINY, llmc_read, llmc_write, read_log, run, start, write_jsonl
 from fineweb import MAGIC, VERSION, HEADER_INTS, ShardError
 from tokenizer import EOT, get_encoding
 
@@ -60,32 +60,8 @@ def concat(paths):
     return np.concatenate([fineweb.load_shard(p) for p in paths] or [np.zeros(0, np.uint16)])
 
 
-def write_jsonl(path, docs):
-    with open(path, "w", encoding="utf-8") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"id": i, "text": d}) + "\n")
-
-
 def write_parquet(path, docs):
     pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), path)
-
-
-def llmc_write(path, tokens):
-    # llm.c's layout, written the way its dev/data/data_common.py does it: a 256-int32
-    # header (magic, version, count), then the uint16 tokens, with plain numpy
-    header = np.zeros(256, dtype=np.int32)
-    header[0], header[1], header[2] = 20240520, 1, len(tokens)
-    with open(path, "wb") as f:
-        header.tofile(f)
-        np.asarray(tokens, dtype=np.uint16).tofile(f)
-
-
-def llmc_read(path):
-    header = np.fromfile(path, dtype=np.int32, count=256)
-    assert header[0] == 20240520 and header[1] == 1
-    tokens = np.fromfile(path, dtype=np.uint16, offset=256 * 4)
-    assert len(tokens) == header[2]
-    return tokens
 
 
 @pytest.fixture
@@ -100,8 +76,7 @@ def hf_cache(tmp_path, monkeypatch):
 
 
 def run_fineweb(*args, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "fineweb.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return start(["fineweb.py", *args], **kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -5,27 +5,23 @@ import contextlib
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import hellaswag
 from hellaswag import (HellaSwagError, HellaSwagFormatError, evaluate, load_examples, predict,
                        render_example, score_rows)
 from common import run_cli
-from conftest import EXAMPLES, ROOT, write_jsonl
+from conftest import EXAMPLES, run, tiny_hf_gpt2, write_jsonl
 from tokenizer import get_encoding
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     # a random tiny GPT-2 with the real vocabulary, saved where from_pretrained finds it
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257)
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(path)
+    tiny_hf_gpt2(n_head=2, n_positions=128).save_pretrained(path)
     return str(path)
 
 
@@ -37,9 +33,8 @@ def hf_model(hf_dir):
 
 def run_command(*args):
     # HF_HUB_OFFLINE: a model name that is not on disk fails at once instead of retrying
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "hellaswag.py"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return run(["hellaswag.py", *args], env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120,
+               check=False)
 
 
 def summary_line(result):
@@ -368,9 +363,7 @@ def benchmark(num_examples=200, batch_size=16, repeats=2):
     examples = [{"ctx": words_(rng.randint(15, 50)), "label": rng.randint(0, 3),
                  "endings": [words_(rng.randint(5, 25)) for _ in range(4)]}
                 for _ in range(num_examples)]
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=50257)
-    hf = GPT2LMHeadModel(config).eval()
+    hf = tiny_hf_gpt2(n_layer=4, n_embd=256, n_positions=256)
     model = lambda idx: hf(idx, use_cache=False).logits  # noqa: E731
     evaluate(model, examples[:4], device="cpu")  # warm-up
     best = {}

@@ -8,6 +8,7 @@ import torch
 
 import fineweb
 from common import UserError
+from conftest import write_shards
 from train_gpt2 import DataLoaderLite
 
 B, T = 2, 8
@@ -15,11 +16,8 @@ B, T = 2, 8
 
 def make_shards(tmp_path, lengths):
     # token t of shard s is (1000 * s + t) % 65536: any window tells where it came from
-    for s, n in enumerate(lengths):
-        split = "val" if s == 0 else "train"
-        tokens = ((1000 * s + np.arange(n)) % 65536).astype(np.uint16)
-        fineweb.write_shard(str(tmp_path / f"t_{split}_{s:06d}.bin"), tokens)
-    return str(tmp_path)
+    return write_shards(tmp_path, [(1000 * s + np.arange(n)) % 65536
+                                   for s, n in enumerate(lengths)], prefix="t")
 
 
 def window_id(x):

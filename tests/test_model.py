@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import tiny_hf_gpt2
 from train_gpt2 import GPT, GPTConfig, KVCache, flops_per_token, num_params
 
 
@@ -45,9 +45,7 @@ def test_initial_loss_is_uniform():
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
-    hf = GPT2LMHeadModel(config).eval()
+    hf = tiny_hf_gpt2()
     path = tmp_path_factory.mktemp("hf-gpt2")
     hf.save_pretrained(path)
     return hf, GPT.from_pretrained(str(path)).eval()
@@ -73,8 +71,8 @@ def test_greedy_continuations_match_transformers(hf_pair):
 
 def test_from_pretrained_rejects_other_shapes(tmp_path):
     # a GPT-2 variant whose MLP is not 4x wide cannot be ours: a clear error, not garbage
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16,
-                                    vocab_size=100, n_inner=100))
+    hf = tiny_hf_gpt2(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100,
+                      n_inner=100)
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="mlp.c_fc.weight has shape"):
         GPT.from_pretrained(str(tmp_path))

@@ -13,7 +13,7 @@ import hellaswag
 import train_gpt2
 from checkpoint import PretrainedError
 from common import run_cli
-from conftest import EXAMPLES, run, write_jsonl
+from conftest import EXAMPLES, refuse_network, run, write_jsonl
 
 
 @pytest.fixture
@@ -50,9 +50,8 @@ def test_unreachable(closed_port):
 
 
 def test_hf_hub_offline_means_unreachable_without_asking(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("HF_HUB_OFFLINE is set, yet a connection was attempted")
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    refuse_network(monkeypatch, AssertionError("HF_HUB_OFFLINE is set, yet a connection was "
+                                               "attempted"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert common.hub_unreachable() == "HF_HUB_OFFLINE is set"
 

@@ -18,28 +18,13 @@ import sys
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, GIT_ENV, ROOT, SMALLER, git
 
 STEPS = os.path.join(ROOT, "steps")
 REFRESH = "steps/refresh"
-# for `train_gpt2.py --preset shakespeare` in the steps after the lecture's: a GPT of 2
-# layers, 32 wide, on batches of 2 x 32 tokens and a val loss over 256, instead of 4
-# layers, 128 wide, 4 x 128 and 8192: the same code, a tenth of the time
-SMALLER = ["--n-layer", "2", "--n-embd", "32", "--batch-size", "2", "--seq-len", "32",
-           "--total-batch-size", "64", "--val-tokens", "256"]
 # the limits of steps/refresh and the README: lines changed in code files, per step
 MAX_STEP_LINES = 400
 MAX_LAST_STEP_LINES = 200
-# a git that needs no identity of the machine's and reads no configuration of the user's
-GIT_ENV = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1",
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid")
-
-
-def git(repo, *args, **kwargs):
-    return subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True,
-                          env=GIT_ENV, **kwargs).stdout
-
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):

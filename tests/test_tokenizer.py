@@ -12,7 +12,7 @@ import tiktoken_ext.openai_public as openai_public
 
 import tokenizer
 
-from conftest import ROOT
+from conftest import NO_NETWORK, ROOT, refuse_network
 
 # where tiktoken downloads "gpt2" from (tiktoken_ext/openai_public.py)
 GPT2_URLS = ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -83,11 +83,7 @@ def test_works_with_sockets_blocked(tmp_path):
     # a fresh interpreter whose every socket raises: building and using the encoding
     # must not notice
     code = (
-        "import socket\n"
-        "def refuse(*a, **k): raise OSError('network blocked by the test')\n"
-        "socket.socket.connect = refuse\n"
-        "socket.create_connection = refuse\n"
-        "socket.getaddrinfo = refuse\n"
+        NO_NETWORK +
         "import tokenizer\n"
         "print(tokenizer.get_encoding().encode_ordinary('hello world'))\n"
     )
@@ -102,18 +98,13 @@ def test_exported_tokenizer_in_transformers(tmp_path, monkeypatch):
     # --export-hf writes GPT-2's tokenizer beside the model: transformers reads it without
     # a network (every socket refused here), gives tokenizer.py's ids, and a
     # text-generation pipeline runs on the exported directory
-    import socket
-
     import torch
     from transformers import AutoTokenizer, pipeline
 
     import checkpoint
     import train_gpt2
 
-    def refuse(*args, **kwargs):
-        raise OSError("network blocked by the test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    refuse_network(monkeypatch)
     torch.manual_seed(0)
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=1,
                                                 n_head=1, n_embd=16))

@@ -9,15 +9,13 @@ import torch
 import config
 import train_gpt2
 from common import UserError, run_cli
-from conftest import EXAMPLES, ROOT, TINY, read_log, run, write_jsonl
+from conftest import EXAMPLES, NO_NETWORK, OLD_RUN, ROOT, TINY, read_log, run, write_jsonl
 
 
 def test_import_has_no_side_effects(tmp_path):
     # a fresh interpreter in an empty directory, sockets refused: importing creates no
     # file, starts no process group and touches no network
-    code = ("import socket\n"
-            "def refuse(*a, **k): raise OSError('network blocked by the test')\n"
-            "socket.socket.connect = refuse\n"
+    code = (NO_NETWORK +
             "import train_gpt2, torch.distributed as dist\n"
             "assert not dist.is_initialized()\n"
             "print('imported')\n")
@@ -166,16 +164,6 @@ def test_hellaswag_in_the_loop_with_compile(tmp_path, shards):
     assert f"({len(EXAMPLES)} examples)" in out.stdout
     # at most the one recompile for model.eval() in the val loss; none per example
     assert (out.stdout + out.stderr).count("Recompiling") <= 1
-
-
-# The run that wrote tests/data/checkpoint_1b9a2e4.pt with the code of commit 1b9a2e4 (before
-# the one-script restructure), step 2 of 4, on write_token_shards' default data:
-OLD_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32",
-           "--vocab-size", "512", "--batch-size", "4", "--seq-len", "32",
-           "--total-batch-size", "256", "--warmup-steps", "2", "--max-lr", "3e-3",
-           "--eval-every", "2", "--val-tokens", "512", "--sample-every", "0",
-           "--hellaswag-every", "0", "--device", "cpu", "--no-compile", "--no-bf16",
-           "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "0"]
 
 
 def test_a_checkpoint_of_the_old_code_resumes(tmp_path, shards):
