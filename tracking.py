@@ -27,7 +27,8 @@ from checkpoint import log_line, read_log, trim_log
 from common import UserError
 
 # log.txt's streams -> the trackers' tags
-TAGS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+TAGS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm",
+        "scale": "fp16/loss_scale", "skipped": "fp16/skipped_steps"}
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # flag -> the package it needs
 
 

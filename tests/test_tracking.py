@@ -129,3 +129,18 @@ def test_only_rank_0_writes(tmp_path):
     assert os.listdir(tmp_path) == []
     RunLog(str(tmp_path)).write(3, "val", 2.5)
     assert read_log(str(tmp_path)) == [(3, "val", 2.5)]
+
+
+def test_every_scalar_reaches_the_trackers_under_its_tag(tmp_path):
+    class Recorder:
+        points = []
+
+        def log(self, step, points):
+            self.points.append((step, points))
+    log = RunLog(str(tmp_path))
+    log.trackers.append(Recorder())
+    log.write(5, "scale", 1024.0)  # fp16's loss scale, its own stream in log.txt
+    log.write(5, "train", 2.0, lr=1e-3, mfu=None, tokens_per_sec=100)
+    assert Recorder.points == [(5, {"fp16/loss_scale": 1024.0}),
+                               (5, {"train/loss": 2.0, "lr": 1e-3, "tokens_per_sec": 100.0})]
+    assert read_log(str(tmp_path)) == [(5, "scale", 1024.0), (5, "train", 2.0)]
