@@ -78,7 +78,8 @@ def export_gguf(model, path, weight_type="f16"):
             writer.write_tensors_to_file()
             writer.close()
     except OSError as e:
-        raise UserError(f"--export-gguf: {os_error_message(e, path)}") from None
+        raise UserError("--export-gguf: " + os_error_message(e, path, "the checkpoint is "
+                                                             "untouched")) from None
     return os.path.getsize(path)
 
 
