@@ -16,7 +16,8 @@ from gguf_export import export_gguf
 from tokenizer import GPT2_VOCAB, get_encoding
 
 TEXTS = ["Hello, I'm a language model,", "The quick brown fox jumps over 13 lazy dogs.",
-         " leading space, tabs\tand\nnewlines; ünïcödé and emoji 🙂!", "<|endoftext|> is text here"]
+         " leading space, tabs\tand\nnewlines; ünïcödé and emoji 🙂!",
+         "<|endoftext|> is text here"]
 
 
 @pytest.fixture(scope="module")
