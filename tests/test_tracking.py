@@ -53,22 +53,22 @@ def wandb_records(path):
 
 
 def wandb_runs(log_dir):
-    """[(run id, config, {step: {key: value}})] of the offline runs under log_dir, oldest
-    first."""
+    """[(run id, name, config, {step: {key: value}})] of the offline runs under log_dir,
+    oldest first."""
     runs = []
     for path in sorted(glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "*.wandb"))):
-        run_id, config, history = None, {}, {}
+        run_id, name, config, history = None, None, {}, {}
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                run_id = record.run.run_id
+                run_id, name = record.run.run_id, record.run.display_name
                 config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
             elif kind == "history":
                 # a key with a "/" comes as its parts
                 row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                        for i in record.history.item}
                 history.setdefault(record.history.step.num, {}).update(row)
-        runs.append((run_id, config, history))
+        runs.append((run_id, name, config, history))
     return runs
 
 
@@ -78,7 +78,8 @@ def test_tensorboard_and_wandb_hold_log_txt_across_a_rewind(shards, tmp_path):
     log_dir = str(tmp_path / "run")
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     run(["train_gpt2.py"] + RUN + ["--data-dir", shards, "--log-dir", log_dir,
-                                   "--tensorboard", "--wandb", "tracking-test"], env=env)
+                                   "--tensorboard", "--wandb", "tracking-test",
+                                   "--wandb-run", "tiny"], env=env)
     # again from step 4: steps 4..7 and the evaluation at 8 are written a second time, and
     # the evaluation at step 4, logged before the checkpoint, is not
     run(["train_gpt2.py", "--resume", os.path.join(log_dir, "model_00004.pt"), "--rewind"],
@@ -98,8 +99,8 @@ def test_tensorboard_and_wandb_hold_log_txt_across_a_rewind(shards, tmp_path):
     assert scalars["lr"][2] == pytest.approx(3e-3) and min(scalars["grad_norm"].values()) > 0
     assert "_hparams_/session_start_info" in hparams  # the config, once
 
-    (id1, config, first), (id2, _, second) = wandb_runs(log_dir)
-    assert id1 == id2 == train_gpt2.read_run_checkpoint(log_dir)["run_id"]
+    (id1, name, config, first), (id2, _, _, second) = wandb_runs(log_dir)
+    assert id1 == id2 == train_gpt2.read_run_checkpoint(log_dir)["run_id"] and name == "tiny"
     assert config["n_layer"] == 2 and config["wandb"] == "tracking-test"
     assert min(second) == 4  # the resumed run goes on from its checkpoint's step
     history = first  # what W&B shows once synced: at each step, the newer point of a tag
