@@ -32,6 +32,7 @@ import torch.distributed as dist
 from common import (DirLock, UserError, atomic_write, hub_unreachable, os_error_in,
                     os_error_message)
 from device import is_out_of_memory, out_of_memory_error
+from gguf_export import export_gguf
 from tokenizer import GPT2_VOCAB, save_hf_tokenizer
 
 CHECKPOINT_KIND = "train_gpt2 checkpoint"
@@ -511,3 +512,17 @@ def export_hf(model, out_dir):
         raise UserError("--export-hf: " + os_error_message(e, out_dir + "/",
                                                            "the checkpoint is untouched")) from None
     return ["config.json", "model.safetensors"] + tokenizer_files
+
+
+def export(model, args):
+    """--export-hf DIR and --export-gguf FILE [--gguf-type f16|f32], those given: the
+    model written there -> what was written, a line each."""
+    lines = []
+    if hasattr(args, "export_hf"):
+        lines.append(f"wrote {args.export_hf}/: {', '.join(export_hf(model, args.export_hf))}")
+    if hasattr(args, "export_gguf"):
+        weight_type = getattr(args, "gguf_type", "f16")
+        size = export_gguf(model, args.export_gguf, weight_type)
+        lines.append(f"wrote {args.export_gguf}: {size / 1e6:,.1f} MB, {weight_type} weights, "
+                     "llama.cpp's gpt2 architecture with GPT-2's tokenizer")
+    return "\n".join(lines)

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from checkpoint import (newer_checkpoints, read_checkpoint, read_newest_checkpoint,
                         spare_log_path)
 from common import ArgumentParser, Range, UserError, check_ranges, launched_rank0
+from tracking import check_packages
 
-def opt(default, help, range=None, parse=None):
+def opt(default, help, range=None, parse=None, metavar=None):
     # a config field, its --flag's help and the values it accepts in one place;
     # build_parser() makes the flags, which read their value with parse (default: the
     # field's type), and check_ranges() checks them
     return dataclasses.field(default=default, metadata={"help": help, "range": range,
-                                                        "parse": parse})
+                                                        "parse": parse, "metavar": metavar})
 
 
 def micro_batch(text):
@@ -97,6 +98,12 @@ class TrainConfig:
     # a week: far past any collective's time, and inside what a timedelta holds
     dist_timeout: int = opt(30, "minutes a collective waits for a dead rank before failing",
                             Range(1, 7 * 24 * 60))
+    # watching the run (tracking.py): what log.txt gets, also live elsewhere
+    tensorboard: bool = opt(False, "TensorBoard event files in --log-dir (pip install "
+                                   "tensorboard)")
+    wandb: str = opt("", "log to this Weights & Biases project (pip install wandb)",
+                     metavar="PROJECT")
+    wandb_run: str = opt("", "the W&B run's name (default: W&B picks one)", metavar="NAME")
     fused_ce: bool = opt(False, "lm_head + cross-entropy in one Triton kernel (fused_ce.py; "
                                 "CUDA only; off until a GPU has measured it faster)")
 
@@ -155,7 +162,7 @@ def build_parser():
             flag(name, choices=("auto", "bf16", "fp16", "fp32"), help=help)
         else:
             flag(name, type=f.metadata["parse"] or f.type, help=help,
-                 range=f.metadata["range"])
+                 range=f.metadata["range"], metavar=f.metadata["metavar"])
     # commands other than training
     flag("--resume", nargs="?", const="latest",
          help="continue the newest checkpoint in --log-dir, or the one given")
@@ -166,8 +173,11 @@ def build_parser():
     flag("--sample", action="store_true", default=False,
          help="sample from --checkpoint and exit")
     flag("--export-hf", metavar="OUT_DIR", help="write --checkpoint as a Hugging Face model")
+    flag("--export-gguf", metavar="FILE", help="write --checkpoint as a GGUF file for llama.cpp, "
+                                               "Ollama, LM Studio (pip install gguf)")
+    flag("--gguf-type", choices=("f16", "f32"), help="the GGUF's weights (default: f16)")
     flag("--plot", metavar="LOG_DIR", help="draw LOG_DIR/log.txt into LOG_DIR/loss.png")
-    flag("--checkpoint", help="a model_XXXXX.pt for --sample and --export-hf, or a log dir "
+    flag("--checkpoint", help="a model_XXXXX.pt for --sample and the exports, or a log dir "
                               "for its newest")
     flag("--prompt", default="Hello, I'm a language model,", help="text to continue (default: %(default)s)")
     flag("--num-samples", type=int, default=4, range=AT_LEAST_1,
@@ -187,11 +197,15 @@ def parse_config(argv):
     """-> (TrainConfig, the command-line namespace). Preset first, then flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = "--sample" if args.sample else "--export-hf" if hasattr(args, "export_hf") else None
+    args.exports = [name for name in ("export_hf", "export_gguf") if hasattr(args, name)]
+    command = "--sample" if args.sample else "--" + args.exports[0].replace("_", "-") \
+        if args.exports else None
     if command and not hasattr(args, "checkpoint"):
         parser.error(f"{command} needs --checkpoint PATH (a model_XXXXX.pt in your log dir)")
     if args.sample and not args.prompt:
         parser.error("--sample needs a non-empty --prompt")
+    if hasattr(args, "gguf_type") and not hasattr(args, "export_gguf"):
+        parser.error("--gguf-type goes with --export-gguf FILE")
     if args.rewind and not hasattr(args, "resume"):
         parser.error("--rewind goes with --resume PATH: the older checkpoint to go back to")
     preset = getattr(args, "preset", "gpt2")
@@ -234,7 +248,7 @@ def fold_bf16(values):
 RESUME_MAY_CHANGE = {"max_steps", "eval_every", "val_tokens", "hellaswag_every",
                      "hellaswag_jsonl", "hellaswag_limit", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "log_dir", "data_dir", "device", "compile", "bf16",
-                     "dtype", "dist_timeout", "fused_ce"}
+                     "dtype", "dist_timeout", "fused_ce", "tensorboard", "wandb", "wandb_run"}
 
 
 def resume_config(saved, given, path):
@@ -272,6 +286,7 @@ def check_config(cfg, world_size=1, device_type=None):
     if cfg.fused_ce and device_type not in (None, "cuda"):
         raise UserError(f"--fused-ce runs a Triton kernel on a CUDA GPU, not on {device_type}: "
                         "drop --fused-ce")
+    check_packages(cfg)
     if launched_rank0():
         for line in config_warnings(cfg):
             print(f"warning: {line}")

@@ -90,6 +90,16 @@ def get_encoding():
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
 
+def bpe_tokens_and_merges():
+    """GPT-2's tokens as encoder.json spells them (each byte a printable character), in id
+    order, and its merges as vocab.bpe lists them ("Ġ t"), in rank order: the tokenizer
+    that a GGUF file carries (gguf_export.py)."""
+    vocab_path, encoder_path = _data_files()
+    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
+    merges = _read_checked(vocab_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
+    return sorted(encoder, key=encoder.get), merges
+
+
 def save_hf_tokenizer(out_dir, model_max_length):
     """Writes GPT-2's tokenizer as transformers reads it, so AutoTokenizer.from_pretrained
     (out_dir) builds it offline: vocab.json is encoder.json and merges.txt is vocab.bpe,

@@ -7,6 +7,7 @@ Reproduce GPT-2 (124M) from scratch: the model, the data loader, and the trainin
     python train_gpt2.py --resume                         # continue the newest checkpoint in --log-dir
     python train_gpt2.py --sample --checkpoint log/model_19073.pt --prompt "Hello,"
     python train_gpt2.py --export-hf out/ --checkpoint log/model_19073.pt
+    python train_gpt2.py --export-gguf gpt2.gguf --checkpoint log/model_19073.pt   # llama.cpp
     python train_gpt2.py --plot log                       # log/loss.png from log/log.txt
 
 The file reads top to bottom in the lecture's order: the GPT model, the data loader, DDP,
@@ -33,9 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fineweb
 import hellaswag
-from checkpoint import (CONV1D_WEIGHTS, export_hf, load_pretrained, log_line, new_run_id,
-                        open_log_dir, read_run_checkpoint, rng_state, run_failure,
-                        save_checkpoint, set_rng_state, trim_log)
+from checkpoint import (CONV1D_WEIGHTS, export, load_pretrained, new_run_id, open_log_dir,
+                        read_run_checkpoint, rng_state, run_failure, save_checkpoint,
+                        set_rng_state)
 from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
 from config import check_config, parse_config, preset_micro_batch, resume_from, val_windows
 from device import (autocast, fit_micro_batch, load_scaler, peak_flops, resolve_device,
@@ -43,6 +44,7 @@ from device import (autocast, fit_micro_batch, load_scaler, peak_flops, resolve_
 from fused_ce import fused_loss_skipped_by_compile
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
+from tracking import RunLog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -519,7 +521,7 @@ class Run:
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a no-op) otherwise
     hella_examples: list
     enc: object
-    log_path: str
+    log: RunLog  # log.txt, and TensorBoard and W&B where asked (tracking.py)
     start_step: int = 0
     val_loss: float = None
     start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
@@ -581,32 +583,32 @@ def save_run(run, step, evaluated=True):
 
 
 def speed(run, seconds_per_step):
-    """'N tok/s | MFU x%': tokens over all ranks, FLOPs against the cards' bf16 peak."""
+    """-> ('N tok/s | MFU x%', the same as {"tokens_per_sec", "mfu"}): tokens over all
+    ranks, FLOPs against the cards' bf16 peak (no MFU where that peak is not known)."""
     tokens_per_sec = run.cfg.total_batch_size / seconds_per_step
     peak = peak_flops(run.env.device_type)
-    if peak is None:
-        return f"{tokens_per_sec:,.0f} tok/s"
     flops = flops_per_token(run.raw_model.config, run.cfg.seq_len) * tokens_per_sec
-    return f"{tokens_per_sec:,.0f} tok/s | MFU {100 * flops / (peak * run.env.world_size):.1f}%"
+    mfu = flops / (peak * run.env.world_size) if peak else None
+    text = f"{tokens_per_sec:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if peak else "")
+    return text, {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
 
 
 def log_step(run, step, loss, norm, lr, dt, clock):
     eta, scaling = hms(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
     if run.scaler.is_enabled():  # fp16: the loss scale, and the steps skipped so far
         scaling = f" | scale {run.scaler.get_scale():g}, {run.skipped_steps} skipped"
-        if run.env.master:
-            log_line(run.log_path, step, "scale", run.scaler.get_scale())
-            log_line(run.log_path, step, "skipped", run.skipped_steps)
+        run.log.write(step, "scale", run.scaler.get_scale())
+        run.log.write(step, "skipped", run.skipped_steps)
+    text, measured = speed(run, dt)
     record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
-           f"{scaling} | {1000 * dt:.1f} ms | {speed(run, dt)} | {clock.elapsed()} elapsed, "
-           f"ETA {eta}")
+           f"{scaling} | {1000 * dt:.1f} ms | {text} | {clock.elapsed()} elapsed, "
+           f"ETA {eta}", lr=lr, grad_norm=norm, **measured)
 
 
-def record(run, step, stream, value, text):
-    """A measurement: printed, and a line of log.txt (rank 0)."""
+def record(run, step, stream, value, text, **scalars):
+    """A measurement: printed, and a line of log.txt with the scalars beside it (rank 0)."""
     run.env.print0(f"step {step:5d} | {text}")
-    if run.env.master:
-        log_line(run.log_path, step, stream, value)
+    run.log.write(step, stream, value, **scalars)
 
 
 def stop_agreed(stop, env):
@@ -626,7 +628,7 @@ def train_loop(run):
     cfg, env = run.cfg, run.env
     clock = StepClock(run.start_step, cfg.max_steps)
     first_val = None
-    with StopRequest() as stop:
+    with StopRequest() as stop, run.log.tracking(cfg, run.run_id, run.start_step):
         for step in range(run.start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # evaluations see the model after `step` updates, outside the step's clock; a
@@ -669,7 +671,7 @@ def train_loop(run):
 
     if clock.steps:
         env.print0(f"average over {clock.steps} timed steps: {clock.per_step(0) * 1000:.1f} "
-                   f"ms/step, {speed(run, clock.per_step(0)).replace(' |', ',')}")
+                   f"ms/step, {speed(run, clock.per_step(0))[0].replace(' |', ',')}")
     if first_val is not None:
         env.print0(f"val loss: {first_val:.4f} at the first evaluation, {run.val_loss:.4f} "
                    "at the end")
@@ -718,7 +720,7 @@ def start_run(cfg, env, policy, ckpt):
     run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
               val_windows(cfg, len(val_loader)), grad_accum_steps, policy.dtype, scaler,
               hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
-              os.path.join(cfg.log_dir, "log.txt"))
+              RunLog(cfg.log_dir, env.master))
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -727,8 +729,7 @@ def start_run(cfg, env, policy, ckpt):
         run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
         run.start_evaluated = ckpt.get("evaluated", True)
         run.skipped_steps = load_scaler(scaler, ckpt.get("scaler"))
-        if env.master:
-            trim_log(run.log_path, run.start_step, keep_evaluations=run.start_evaluated)
+        run.log.trim(run.start_step, keep_evaluations=run.start_evaluated)
     return run
 
 
@@ -770,15 +771,13 @@ def train(cfg, ckpt=None):
 
 def main(argv=None):
     cfg, args = parse_config(argv)
-    if args.sample or getattr(args, "export_hf", None):
-        device = resolve_device(cfg.device)[0] if args.sample else "cpu"
-        model = GPT.from_checkpoint(args.checkpoint, device)
-        if args.sample:
-            print_samples(model, get_encoding(), args.prompt, args.num_samples,
-                          args.max_new_tokens, device, seed=cfg.seed, top_k=args.top_k,
-                          temperature=args.temperature)
-        else:
-            print(f"wrote {args.export_hf}/: {', '.join(export_hf(model, args.export_hf))}")
+    if args.exports:  # --export-hf, --export-gguf
+        print(export(GPT.from_checkpoint(args.checkpoint), args))
+    elif args.sample:
+        device = resolve_device(cfg.device)[0]
+        print_samples(GPT.from_checkpoint(args.checkpoint, device), get_encoding(), args.prompt,
+                      args.num_samples, args.max_new_tokens, device, seed=cfg.seed,
+                      top_k=args.top_k, temperature=args.temperature)
     elif getattr(args, "plot", None):
         save_plot(args.plot, getattr(args, "preset", None))
     elif getattr(args, "resume", None):
