@@ -10,7 +10,7 @@ import torch
 
 import checkpoint
 import train_gpt2
-from common import UserError, run_cli
+from common import UserError
 from conftest import run
 from gguf_export import export_gguf
 from tokenizer import GPT2_VOCAB, get_encoding
