@@ -136,9 +136,10 @@ def fused_linear_cross_entropy(x, weight, targets, chunk_rows=65536, launch=LAUN
 
 
 @functools.cache
-def fused_loss_skipped_by_compile():
-    """fused_linear_cross_entropy for a model that torch.compile may trace: compilation
-    stops at it and runs it as written, its own kernels between compiled graphs. Made on
-    first use, as torch.compiler.disable imports torch.compile's machinery (Dynamo, and
-    with it Triton), which would double the import time of every script."""
+def fused_loss_for_model():
+    """The loss GPT.forward calls with --fused-ce: fused_linear_cross_entropy, which
+    torch.compile does not trace but runs as written, its own kernels between compiled
+    graphs. Made on first use, as torch.compiler.disable imports torch.compile's machinery
+    (Dynamo, and with it Triton), which would slow the import of every script
+    (docs/performance.md)."""
     return torch.compiler.disable(fused_linear_cross_entropy)

@@ -37,11 +37,11 @@ import hellaswag
 from checkpoint import (CONV1D_WEIGHTS, export, load_pretrained, new_run_id, open_log_dir,
                         read_run_checkpoint, rng_state, run_failure, save_checkpoint,
                         set_rng_state)
-from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
+from common import Interrupted, StepClock, StopRequest, UserError, format_duration, run_cli
 from config import check_config, parse_config, preset_micro_batch, resume_from, val_windows
 from device import (autocast, fit_micro_batch, load_scaler, peak_flops, resolve_device,
                     run_policy, use_huge_pages)
-from fused_ce import fused_loss_skipped_by_compile
+from fused_ce import fused_loss_for_model
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
 from tracking import RunLog
@@ -150,7 +150,7 @@ class GPT(nn.Module):
     def __init__(self, config, fused_ce=False):
         super().__init__()
         self.config = config
-        self.fused_loss = fused_loss_skipped_by_compile() if fused_ce else None  # fused_ce.py
+        self.fused_loss = fused_loss_for_model() if fused_ce else None  # fused_ce.py
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -582,7 +582,7 @@ def save_run(run, step, evaluated=True):
     return path
 
 
-def speed(run, seconds_per_step):
+def throughput(run, seconds_per_step):
     """-> ('N tok/s | MFU x%', the same as {"tokens_per_sec", "mfu"}): tokens over all
     ranks, FLOPs against the cards' bf16 peak (no MFU where that peak is not known)."""
     tokens_per_sec = run.cfg.total_batch_size / seconds_per_step
@@ -594,12 +594,12 @@ def speed(run, seconds_per_step):
 
 
 def log_step(run, step, loss, norm, lr, dt, clock):
-    eta, scaling = hms(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
+    eta, scaling = format_duration(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
     if run.scaler.is_enabled():  # fp16: the loss scale, and the steps skipped so far
         scaling = f" | scale {run.scaler.get_scale():g}, {run.skipped_steps} skipped"
         run.log.write(step, "scale", run.scaler.get_scale())
         run.log.write(step, "skipped", run.skipped_steps)
-    text, measured = speed(run, dt)
+    text, measured = throughput(run, dt)
     record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
            f"{scaling} | {1000 * dt:.1f} ms | {text} | {clock.elapsed()} elapsed, "
            f"ETA {eta}", lr=lr, grad_norm=norm, **measured)
@@ -619,7 +619,7 @@ def stop_agreed(stop, env):
     return int(flag.item())
 
 
-def every(n, step, last):
+def is_due(n, step, last):
     return n > 0 and (step % n == 0 or last)
 
 
@@ -634,19 +634,19 @@ def train_loop(run):
             # evaluations see the model after `step` updates, outside the step's clock; a
             # resumed run does not repeat those its checkpoint already logged
             fresh = step > run.start_step or not run.start_evaluated
-            if fresh and every(cfg.eval_every, step, last):
+            if fresh and is_due(cfg.eval_every, step, last):
                 run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_windows,
                                              env, run.dtype)
                 first_val = run.val_loss if first_val is None else first_val
                 record(run, step, "val", run.val_loss, f"val loss {run.val_loss:.4f}")
-            if fresh and run.hella_examples and every(cfg.hellaswag_every, step, last):
+            if fresh and run.hella_examples and is_due(cfg.hellaswag_every, step, last):
                 acc, n = evaluate_hellaswag(run.raw_model, run.hella_examples, env, run.dtype,
                                             run.enc)
                 record(run, step, "hella", acc, f"HellaSwag acc_norm {acc:.4f} ({n} examples)")
-            if env.master and fresh and step > 0 and every(cfg.sample_every, step, last):
+            if env.master and fresh and step > 0 and is_due(cfg.sample_every, step, last):
                 print_samples(run.raw_model, run.enc, "Hello, I'm a language model,", 4, 32,
                               env.device, seed=42 + step)
-            if fresh and step > 0 and (last or every(cfg.checkpoint_every, step, False)):
+            if fresh and step > 0 and (last or is_due(cfg.checkpoint_every, step, False)):
                 save_run(run, step)
             if last:
                 break
@@ -671,7 +671,7 @@ def train_loop(run):
 
     if clock.steps:
         env.print0(f"average over {clock.steps} timed steps: {clock.per_step(0) * 1000:.1f} "
-                   f"ms/step, {speed(run, clock.per_step(0))[0].replace(' |', ',')}")
+                   f"ms/step, {throughput(run, clock.per_step(0))[0].replace(' |', ',')}")
     if first_val is not None:
         env.print0(f"val loss: {first_val:.4f} at the first evaluation, {run.val_loss:.4f} "
                    "at the end")
