@@ -274,13 +274,12 @@ def resume_config(saved, given, path):
 def check_config(cfg, world_size=1, device_type=None):
     """What no single flag's range says: how the flags fit together, and on this device.
     A valid configuration that is probably not what the user meant gets a warning line."""
-    B, T = cfg.batch_size, cfg.seq_len
+    T = cfg.seq_len
     if T > cfg.block_size:
         raise UserError(f"--seq-len {T} is longer than the model's block size {cfg.block_size}; "
                         f"use --seq-len {cfg.block_size} or less (or a larger --block-size)")
-    if cfg.total_batch_size % (B * T * world_size):
-        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not divisible by "
-                        f"B*T*world_size = {B}*{T}*{world_size} = {B * T * world_size}")
+    if cfg.batch_size != "auto":  # else train() checks it once fit_micro_batch has chosen it
+        check_batch(cfg, world_size)
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}")
     if cfg.fused_ce and device_type not in (None, "cuda"):
@@ -290,6 +289,14 @@ def check_config(cfg, world_size=1, device_type=None):
     if launched_rank0():
         for line in config_warnings(cfg):
             print(f"warning: {line}")
+
+
+def check_batch(cfg, world_size=1):
+    """The micro-batch fits the total batch a whole number of times on every rank."""
+    B, T = cfg.batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world_size):
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not divisible by "
+                        f"B*T*world_size = {B}*{T}*{world_size} = {B * T * world_size}")
 
 
 def config_warnings(cfg):

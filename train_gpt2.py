@@ -34,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fineweb
 import hellaswag
-from checkpoint import (CONV1D_WEIGHTS, export, load_pretrained, new_run_id, open_log_dir,
-                        read_run_checkpoint, rng_state, run_failure, save_checkpoint,
-                        set_rng_state)
+from checkpoint import (CONV1D_WEIGHTS, PretrainedError, export, load_pretrained, new_run_id,
+                        open_log_dir, read_run_checkpoint, rng_state, run_failure,
+                        save_checkpoint, set_rng_state)
 from common import Interrupted, StepClock, StopRequest, UserError, format_duration, run_cli
-from config import check_config, parse_config, preset_micro_batch, resume_from, val_windows
+from config import (check_batch, check_config, parse_config, preset_micro_batch, resume_from,
+                    val_windows)
 from device import (autocast, fit_micro_batch, load_scaler, peak_flops, resolve_device,
                     run_policy, use_huge_pages)
 from fused_ce import fused_loss_for_model
@@ -251,16 +252,16 @@ class GPT(nn.Module):
         sd_hf = {k: v for k, v in hf.state_dict().items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
         if set(sd) != set(sd_hf):
-            raise ValueError(f"{name_or_path}: keys differ from GPT-2's: "
-                             f"{sorted(set(sd) ^ set(sd_hf))[:5]}")
+            raise PretrainedError(f"{name_or_path} is not GPT-2: its keys differ from GPT-2's "
+                                  f"{sorted(set(sd) ^ set(sd_hf))[:5]}; give a GPT-2 model")
         for k, w in sd_hf.items():
             # OpenAI's checkpoint uses a "Conv1D" module, a Linear with its weight stored
             # transposed
             if k.endswith(CONV1D_WEIGHTS):
                 w = w.t()
             if w.shape != sd[k].shape:
-                raise ValueError(f"{name_or_path}: {k} has shape {tuple(w.shape)}, "
-                                 f"expected {tuple(sd[k].shape)}")
+                raise PretrainedError(f"{name_or_path}: {k} has shape {tuple(w.shape)}, GPT-2's "
+                                      f"is {tuple(sd[k].shape)}; give a GPT-2 model")
             with torch.no_grad():
                 sd[k].copy_(w)
         return model
@@ -744,13 +745,14 @@ def train(cfg, ckpt=None):
     try:
         policy = run_policy(env.device_type, cfg.dtype, cfg.compile)
         cfg.dtype = policy.dtype  # the checkpoint keeps what the run trains in
+        check_config(cfg, env.world_size, env.device_type)  # before auto's probe builds a model
         if cfg.batch_size == "auto":  # the largest micro-batch that fits (device.py)
             cfg.batch_size, line = fit_micro_batch(
                 lambda: build_model(cfg, env, policy)[1:], preset_micro_batch(cfg.preset),
                 cfg.seq_len, cfg.total_batch_size, env.device_type, env.device, cfg.dtype,
                 env.world_size)
             env.print0(line)
-        check_config(cfg, env.world_size, env.device_type)
+            check_batch(cfg, env.world_size)
         if env.master:
             lock = open_log_dir(cfg.log_dir, ckpt["run_id"] if ckpt else None)
         run = start_run(cfg, env, policy, ckpt)
