@@ -11,7 +11,7 @@ Reproduce GPT-2 (124M) from scratch: the model, the data loader, and the trainin
     python train_gpt2.py --plot log                       # log/loss.png from log/log.txt
 
 The file reads top to bottom in the lecture's order: the GPT model, the data loader, DDP,
-the learning-rate schedule, the training loop, then main(). The hyperparameters are
+the learning-rate schedule, the run's set-up, the loop, then main(). The hyperparameters are
 config.py's TrainConfig; checkpoint files, the plot and the shared helpers live in the
 modules imported below, each named for what it holds. Importing it runs nothing.
 """
@@ -159,8 +159,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (as GPT-2 did): the token embedding and the output projection are
-        # one matrix, which saves 38M parameters at 124M
+        # weight tying, as GPT-2: the token embedding and output projection are one 38M matrix
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
@@ -255,8 +254,7 @@ class GPT(nn.Module):
             raise PretrainedError(f"{name_or_path} is not GPT-2: its keys differ from GPT-2's "
                                   f"{sorted(set(sd) ^ set(sd_hf))[:5]}; give a GPT-2 model")
         for k, w in sd_hf.items():
-            # OpenAI's checkpoint uses a "Conv1D" module, a Linear with its weight stored
-            # transposed
+            # OpenAI's checkpoint has "Conv1D" modules: Linears with their weights transposed
             if k.endswith(CONV1D_WEIGHTS):
                 w = w.t()
             if w.shape != sd[k].shape:
@@ -462,6 +460,86 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + coeff * (max_lr - min_lr)
 
 # -----------------------------------------------------------------------------
+# The run's set-up: the data, the model, its optimizer, and where a resume starts
+
+
+@dataclass
+class Run:
+    """What the training loop works with; start_run() builds it."""
+    cfg: object  # config.TrainConfig
+    env: DistEnv
+    raw_model: GPT  # the plain module, for evaluation, sampling and state_dict()
+    model: nn.Module  # what trains: raw_model compiled and/or wrapped in DDP
+    eval_model: nn.Module  # compiled, not DDP: the val loss has training's shapes
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoaderLite
+    val_loader: DataLoaderLite
+    val_windows: int
+    grad_accum_steps: int
+    dtype: str  # "bf16", "fp16" or "fp32"
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a no-op) otherwise
+    hella_examples: list
+    enc: object
+    log: RunLog  # log.txt, and TensorBoard and W&B where asked (tracking.py)
+    start_step: int = 0
+    val_loss: float = None
+    start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
+    skipped_steps: int = 0  # steps the GradScaler skipped for an inf or NaN gradient
+    run_id: str = dataclasses.field(default_factory=new_run_id)  # a resume keeps its run's
+
+
+def build_model(cfg, env, policy, verbose=False):
+    """A fresh GPT of cfg's shape on env's device -> (it, it compiled or not, its AdamW):
+    what start_run trains, and what --batch-size auto's probe tries."""
+    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
+                    fused_ce=cfg.fused_ce).to(env.device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
+                                               verbose=verbose, fused=policy.fused_adamw)
+    return raw_model, torch.compile(raw_model) if policy.compile else raw_model, optimizer
+
+
+def start_run(cfg, env, policy, ckpt):
+    """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
+    barrier = dist.barrier if env.ddp else None  # waits for every rank
+    fineweb.prepare_run_data(cfg, env.master, barrier)
+    torch.manual_seed(cfg.seed)  # every device's generator: the same weights on every rank
+    if env.device_type == "cuda":
+        # TF32 for fp32 matmuls (10 bits of mantissa instead of 23): the lecture's 3x
+        torch.set_float32_matmul_precision("high")
+    B, T = cfg.batch_size, cfg.seq_len
+    grad_accum_steps = cfg.total_batch_size // (B * T * env.world_size)
+    env.print0(f"total batch {cfg.total_batch_size:,} tokens = {B} x {T} x {env.world_size} "
+               f"ranks x {grad_accum_steps} micro steps")
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, env.rank, env.world_size,
+                                  shuffle=cfg.shuffle, seed=cfg.seed, vocab_size=cfg.vocab_size,
+                                  pin_memory=policy.pin_memory)
+    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, env.rank, env.world_size,
+                                vocab_size=cfg.vocab_size)
+
+    raw_model, eval_model, optimizer = build_model(cfg, env, policy, verbose=env.master)
+    env.print0(f"model: {num_params(raw_model):,} parameters")
+    env.print0(f"device {env.device}: {policy.describe()}")
+    model = eval_model
+    if env.ddp:
+        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+    scaler = torch.amp.GradScaler(env.device_type, enabled=policy.grad_scaler)
+    run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
+              val_windows(cfg, len(val_loader)), grad_accum_steps, policy.dtype, scaler,
+              hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
+              RunLog(cfg.log_dir, env.master))
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["train_loader"])
+        set_rng_state(ckpt["rng"], env.device_type, env.rank)
+        run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
+        run.start_evaluated = ckpt.get("evaluated", True)
+        run.skipped_steps = load_scaler(scaler, ckpt.get("scaler"))
+        run.log.trim(run.start_step, keep_evaluations=run.start_evaluated)
+    return run
+
+# -----------------------------------------------------------------------------
 # The training loop, and what it does along the way
 
 
@@ -503,31 +581,6 @@ def print_samples(model, enc, prompt, num_samples, max_new_tokens, device, seed,
                          generator=gen)
     for i in range(num_samples):
         print(f"sample {i}: {enc.decode(out[i].tolist())}")
-
-
-@dataclass
-class Run:
-    """What the training loop works with; start_run() builds it."""
-    cfg: object  # config.TrainConfig
-    env: DistEnv
-    raw_model: GPT  # the plain module, for evaluation, sampling and state_dict()
-    model: nn.Module  # what trains: raw_model compiled and/or wrapped in DDP
-    eval_model: nn.Module  # compiled, not DDP: the val loss has training's shapes
-    optimizer: torch.optim.Optimizer
-    train_loader: DataLoaderLite
-    val_loader: DataLoaderLite
-    val_windows: int
-    grad_accum_steps: int
-    dtype: str  # "bf16", "fp16" or "fp32"
-    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a no-op) otherwise
-    hella_examples: list
-    enc: object
-    log: RunLog  # log.txt, and TensorBoard and W&B where asked (tracking.py)
-    start_step: int = 0
-    val_loss: float = None
-    start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
-    skipped_steps: int = 0  # steps the GradScaler skipped for an inf or NaN gradient
-    run_id: str = dataclasses.field(default_factory=new_run_id)  # a resume keeps its run's
 
 
 def train_step(run, step):
@@ -594,6 +647,12 @@ def throughput(run, seconds_per_step):
     return text, {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
 
 
+def record(run, step, stream, value, text, **scalars):
+    """A measurement: printed, and a line of log.txt with the scalars beside it (rank 0)."""
+    run.env.print0(f"step {step:5d} | {text}")
+    run.log.write(step, stream, value, **scalars)
+
+
 def log_step(run, step, loss, norm, lr, dt, clock):
     eta, scaling = format_duration(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
     if run.scaler.is_enabled():  # fp16: the loss scale, and the steps skipped so far
@@ -604,12 +663,6 @@ def log_step(run, step, loss, norm, lr, dt, clock):
     record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
            f"{scaling} | {1000 * dt:.1f} ms | {text} | {clock.elapsed()} elapsed, "
            f"ETA {eta}", lr=lr, grad_norm=norm, **measured)
-
-
-def record(run, step, stream, value, text, **scalars):
-    """A measurement: printed, and a line of log.txt with the scalars beside it (rank 0)."""
-    run.env.print0(f"step {step:5d} | {text}")
-    run.log.write(step, stream, value, **scalars)
 
 
 def stop_agreed(stop, env):
@@ -656,8 +709,7 @@ def train_loop(run):
             loss, norm, lr = train_step(run, step)
             if env.device_type == "cuda":
                 torch.cuda.synchronize()  # wait for the GPU before reading the clock
-            dt = time.time() - t0
-            loss = loss.item()
+            dt, loss = time.time() - t0, loss.item()
             if not math.isfinite(loss) and run.skipped_steps == skipped:  # no scaler saved it
                 raise UserError(f"the loss is {loss} at step {step}: training diverged; the "
                                 "newest checkpoint is the last good one (lower --max-lr and "
@@ -679,59 +731,8 @@ def train_loop(run):
     env.print0(f"done in {clock.elapsed()}")
 
 # -----------------------------------------------------------------------------
-# Setting up a run: the log dir, the data, the model, and where a resume starts
-
-
-def build_model(cfg, env, policy, verbose=False):
-    """A fresh GPT of cfg's shape on env's device -> (it, it compiled or not, its AdamW):
-    what start_run trains, and what --batch-size auto's probe tries."""
-    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
-                    fused_ce=cfg.fused_ce).to(env.device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
-                                               verbose=verbose, fused=policy.fused_adamw)
-    return raw_model, torch.compile(raw_model) if policy.compile else raw_model, optimizer
-
-
-def start_run(cfg, env, policy, ckpt):
-    """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
-    barrier = dist.barrier if env.ddp else None  # waits for every rank
-    fineweb.prepare_run_data(cfg, env.master, barrier)
-    torch.manual_seed(cfg.seed)  # every device's generator: the same weights on every rank
-    if env.device_type == "cuda":
-        # TF32 for fp32 matmuls (10 bits of mantissa instead of 23): the lecture's 3x
-        torch.set_float32_matmul_precision("high")
-    B, T = cfg.batch_size, cfg.seq_len
-    grad_accum_steps = cfg.total_batch_size // (B * T * env.world_size)
-    env.print0(f"total batch {cfg.total_batch_size:,} tokens = {B} x {T} x {env.world_size} "
-               f"ranks x {grad_accum_steps} micro steps")
-    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, env.rank, env.world_size,
-                                  shuffle=cfg.shuffle, seed=cfg.seed, vocab_size=cfg.vocab_size,
-                                  pin_memory=policy.pin_memory)
-    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, env.rank, env.world_size,
-                                vocab_size=cfg.vocab_size)
-
-    raw_model, eval_model, optimizer = build_model(cfg, env, policy, verbose=env.master)
-    env.print0(f"model: {num_params(raw_model):,} parameters")
-    env.print0(f"device {env.device}: {policy.describe()}")
-    model = eval_model
-    if env.ddp:
-        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
-    scaler = torch.amp.GradScaler(env.device_type, enabled=policy.grad_scaler)
-    run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
-              val_windows(cfg, len(val_loader)), grad_accum_steps, policy.dtype, scaler,
-              hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
-              RunLog(cfg.log_dir, env.master))
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["train_loader"])
-        set_rng_state(ckpt["rng"], env.device_type, env.rank)
-        run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
-        run.start_evaluated = ckpt.get("evaluated", True)
-        run.skipped_steps = load_scaler(scaler, ckpt.get("scaler"))
-        run.log.trim(run.start_step, keep_evaluations=run.start_evaluated)
-    return run
+# A training run, in each process that torchrun starts: set up, then the loop; and main:
+# train, resume, or one of the commands that use a checkpoint
 
 
 def train(cfg, ckpt=None):
@@ -766,9 +767,6 @@ def train(cfg, ckpt=None):
             lock.release()
         if env.ddp:
             dist.destroy_process_group()
-
-# -----------------------------------------------------------------------------
-# main: train, resume, or one of the commands that use a checkpoint
 
 
 def main(argv=None):
