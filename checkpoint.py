@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (DirLock, UserError, atomic_write, hub_unreachable, os_error_in,
-                    os_error_message)
+from common import (DirLock, UserError, atomic_write, os_error_in, os_error_message,
+                    why_hub_unreachable)
 from device import is_out_of_memory, out_of_memory_error
 from gguf_export import export_gguf
 from tokenizer import GPT2_VOCAB, save_hf_tokenizer
@@ -129,7 +129,7 @@ def directory_run_id(path):
     return hashlib.sha256(os.path.realpath(os.path.dirname(path) or ".").encode()).hexdigest()[:16]
 
 
-def run_of(path):
+def checkpoint_run_id(path):
     """The run id of the checkpoint at path, None if it cannot be read (such a file is no
     run's: never deleted, never counted)."""
     try:
@@ -160,7 +160,7 @@ def newer_checkpoints(log_dir, run_id, step):
     """The checkpoints of run `run_id` in log_dir past `step`, oldest first: those that a
     run resumed from `step` would replace as it reaches their steps."""
     return [p for p in list_checkpoints(log_dir)
-            if checkpoint_step(p) > step and run_of(p) == run_id]
+            if checkpoint_step(p) > step and checkpoint_run_id(p) == run_id]
 
 
 def spare_log_path(log_dir):
@@ -188,7 +188,7 @@ def save_checkpoint(ckpt, log_dir, step, keep=0):
             from None
     if keep > 0:
         older = [p for p in list_checkpoints(log_dir)
-                 if checkpoint_step(p) < step and run_of(p) == ckpt["run_id"]]
+                 if checkpoint_step(p) < step and checkpoint_run_id(p) == ckpt["run_id"]]
         for old in older[:max(0, len(older) - (keep - 1))]:
             os.remove(old)
     return path
@@ -286,7 +286,7 @@ def open_log_dir(log_dir, run_id=None):
     except OSError as e:
         raise UserError(f"--log-dir {log_dir}: {os_error_message(e, log_dir)}") from None
     try:
-        runs = [run_of(path) for path in list_checkpoints(log_dir)]
+        runs = [checkpoint_run_id(path) for path in list_checkpoints(log_dir)]
         if run_id is None and runs:
             raise UserError(f"{log_dir}/ already holds checkpoints of a run: continue it with "
                             "--resume, or choose another --log-dir")
@@ -478,7 +478,7 @@ def load_pretrained(hf_class, name_or_path, hint):
     # anything but "name" or "org/name" is a path on this machine: no hub to ask
     local = (os.path.isdir(name_or_path) or os.path.isabs(name_or_path)
              or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1)
-    offline = None if local else hub_unreachable()
+    offline = None if local else why_hub_unreachable()
     try:
         return hf_class.from_pretrained(name_or_path, local_files_only=offline is not None)
     except (OSError, ValueError) as e:

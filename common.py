@@ -178,7 +178,7 @@ def hub_offline():
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def unreachable(url, timeout=3.0):
+def why_unreachable(url, timeout=3.0):
     """Why no TCP connection to url's host opens within `timeout` seconds (DNS included),
     or None when one does. A non-network url (file://) is always reachable; with a proxy
     set, the proxy is what must answer."""
@@ -208,11 +208,11 @@ def unreachable(url, timeout=3.0):
     return outcome[0] if outcome else f"{address[0]}:{address[1]}: no answer in {timeout:g} s"
 
 
-def hub_unreachable():
+def why_hub_unreachable():
     """Why the Hugging Face hub cannot be reached now, or None when it can."""
     if hub_offline():
         return "HF_HUB_OFFLINE is set"
-    return unreachable(os.environ.get("HF_ENDPOINT") or HUB_URL)
+    return why_unreachable(os.environ.get("HF_ENDPOINT") or HUB_URL)
 
 # -----------------------------------------------------------------------------
 # Files
@@ -297,7 +297,8 @@ class Interrupted(UserError):
         self.exit_code = 128 + signum  # as a shell reports a process ended by the signal
 
 
-def hms(seconds):
+def format_duration(seconds):
+    """seconds as H:MM:SS, for the elapsed time and the ETA"""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -320,4 +321,4 @@ class StepClock:
         return self.seconds / self.steps if self.steps else dt
 
     def elapsed(self):
-        return hms(time.time() - self.start)
+        return format_duration(time.time() - self.start)

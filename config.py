@@ -16,11 +16,11 @@ from checkpoint import (newer_checkpoints, read_checkpoint, read_newest_checkpoi
 from common import ArgumentParser, Range, UserError, check_ranges, launched_rank0
 from tracking import check_packages
 
-def opt(default, help, range=None, parse=None, metavar=None):
+def opt(default, help_text, valid=None, parse=None, metavar=None):
     # a config field, its --flag's help and the values it accepts in one place;
     # build_parser() makes the flags, which read their value with parse (default: the
     # field's type), and check_ranges() checks them
-    return dataclasses.field(default=default, metadata={"help": help, "range": range,
+    return dataclasses.field(default=default, metadata={"help": help_text, "range": valid,
                                                         "parse": parse, "metavar": metavar})
 
 
@@ -149,19 +149,19 @@ def build_parser():
     flag = p.add_argument
     # one --flag per TrainConfig field; what is not given comes from the preset
     for f in dataclasses.fields(TrainConfig):
-        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        name, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.name == "preset":
-            help += " (default: gpt2)"
+            help_text += " (default: gpt2)"
         elif f.default is not None:  # None: the help says what decides
-            help += f" (gpt2 preset: {f.default!r})"
+            help_text += f" (gpt2 preset: {f.default!r})"
         if f.name == "preset":
-            flag(name, choices=sorted(PRESETS), help=help)
+            flag(name, choices=sorted(PRESETS), help=help_text)
         elif f.type is bool:
-            flag(name, action=argparse.BooleanOptionalAction, help=help)
+            flag(name, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "dtype":
-            flag(name, choices=("auto", "bf16", "fp16", "fp32"), help=help)
+            flag(name, choices=("auto", "bf16", "fp16", "fp32"), help=help_text)
         else:
-            flag(name, type=f.metadata["parse"] or f.type, help=help,
+            flag(name, type=f.metadata["parse"] or f.type, help=help_text,
                  range=f.metadata["range"], metavar=f.metadata["metavar"])
     # commands other than training
     flag("--resume", nargs="?", const="latest",
@@ -274,13 +274,12 @@ def resume_config(saved, given, path):
 def check_config(cfg, world_size=1, device_type=None):
     """What no single flag's range says: how the flags fit together, and on this device.
     A valid configuration that is probably not what the user meant gets a warning line."""
-    B, T = cfg.batch_size, cfg.seq_len
+    T = cfg.seq_len
     if T > cfg.block_size:
         raise UserError(f"--seq-len {T} is longer than the model's block size {cfg.block_size}; "
                         f"use --seq-len {cfg.block_size} or less (or a larger --block-size)")
-    if cfg.total_batch_size % (B * T * world_size):
-        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not divisible by "
-                        f"B*T*world_size = {B}*{T}*{world_size} = {B * T * world_size}")
+    if cfg.batch_size != "auto":  # else train() checks it once fit_micro_batch has chosen it
+        check_batch(cfg, world_size)
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}")
     if cfg.fused_ce and device_type not in (None, "cuda"):
@@ -290,6 +289,14 @@ def check_config(cfg, world_size=1, device_type=None):
     if launched_rank0():
         for line in config_warnings(cfg):
             print(f"warning: {line}")
+
+
+def check_batch(cfg, world_size=1):
+    """The micro-batch fits the total batch a whole number of times on every rank."""
+    B, T = cfg.batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world_size):
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not divisible by "
+                        f"B*T*world_size = {B}*{T}*{world_size} = {B * T * world_size}")
 
 
 def config_warnings(cfg):

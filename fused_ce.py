@@ -7,8 +7,8 @@ path on a CPU, through Triton's interpreter (TRITON_INTERPRET=1).
 fused_linear_cross_entropy (--fused-ce): the lm_head matmul and the cross-entropy in one
 autograd function. The plain path writes the (B*T, vocab) logits, reads them for the
 log-softmax, zero-fills a tensor of the same size for nll_loss's backward and reads and
-writes it again: on one H100 about 12 ms of fp32 cross-entropy kernels and 2 ms of fills
-per B=64 micro step (docs/performance.md). Here one Triton kernel reads each row of
+writes it again: passes over the step's largest tensor, whose time on an H100 is in
+docs/performance.md. Here one Triton kernel reads each row of
 logits, computes its loss, and overwrites the row with the row's gradient, so the backward
 pass needs no further pass over the logits; the three matmuls stay cuBLAS's. The idea is
 Liger-Kernel's fused linear cross-entropy (Hsu et al., 2024); the one-pass max and sum is
@@ -136,9 +136,10 @@ def fused_linear_cross_entropy(x, weight, targets, chunk_rows=65536, launch=LAUN
 
 
 @functools.cache
-def fused_loss_skipped_by_compile():
-    """fused_linear_cross_entropy for a model that torch.compile may trace: compilation
-    stops at it and runs it as written, its own kernels between compiled graphs. Made on
-    first use, as torch.compiler.disable imports torch.compile's machinery (Dynamo, and
-    with it Triton), which would double the import time of every script."""
+def fused_loss_for_model():
+    """The loss GPT.forward calls with --fused-ce: fused_linear_cross_entropy, which
+    torch.compile does not trace but runs as written, its own kernels between compiled
+    graphs. Made on first use, as torch.compiler.disable imports torch.compile's machinery
+    (Dynamo, and with it Triton), which would slow the import of every script
+    (docs/performance.md)."""
     return torch.compiler.disable(fused_linear_cross_entropy)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from checkpoint import hf_model, load_pretrained, read_run_checkpoint
 from common import (OS_ERROR_CAUSES, ArgumentParser, Range, UserError, atomic_write,
-                    os_error_message, run_cli, unreachable)
+                    os_error_message, run_cli, why_unreachable)
 from device import autocast, resolve_device, use_huge_pages
 from tokenizer import get_encoding
 
@@ -108,7 +108,7 @@ def download_split(split, cache_dir, url=None, num_examples=None):
             f"could not download {url} ({reason}); without internet, copy "
             f"{os.path.basename(path)} into {cache_dir}/ or pass --jsonl FILE")
     # a few seconds to learn there is no network, not urlopen's 30 s timeout
-    if reason := unreachable(url):
+    if reason := why_unreachable(url):
         raise failed(reason)
     os.makedirs(cache_dir, exist_ok=True)
     # the file gets its name only once it is complete and has the right number of examples

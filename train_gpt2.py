@@ -11,7 +11,7 @@ Reproduce GPT-2 (124M) from scratch: the model, the data loader, and the trainin
     python train_gpt2.py --plot log                       # log/loss.png from log/log.txt
 
 The file reads top to bottom in the lecture's order: the GPT model, the data loader, DDP,
-the learning-rate schedule, the training loop, then main(). The hyperparameters are
+the learning-rate schedule, the run's set-up, the loop, then main(). The hyperparameters are
 config.py's TrainConfig; checkpoint files, the plot and the shared helpers live in the
 modules imported below, each named for what it holds. Importing it runs nothing.
 """
@@ -34,14 +34,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fineweb
 import hellaswag
-from checkpoint import (CONV1D_WEIGHTS, export, load_pretrained, new_run_id, open_log_dir,
-                        read_run_checkpoint, rng_state, run_failure, save_checkpoint,
-                        set_rng_state)
-from common import Interrupted, StepClock, StopRequest, UserError, hms, run_cli
-from config import check_config, parse_config, preset_micro_batch, resume_from, val_windows
+from checkpoint import (CONV1D_WEIGHTS, PretrainedError, export, load_pretrained, new_run_id,
+                        open_log_dir, read_run_checkpoint, rng_state, run_failure,
+                        save_checkpoint, set_rng_state)
+from common import Interrupted, StepClock, StopRequest, UserError, format_duration, run_cli
+from config import (check_batch, check_config, parse_config, preset_micro_batch, resume_from,
+                    val_windows)
 from device import (autocast, fit_micro_batch, load_scaler, peak_flops, resolve_device,
                     run_policy, use_huge_pages)
-from fused_ce import fused_loss_skipped_by_compile
+from fused_ce import fused_loss_for_model
 from plot import save_plot
 from tokenizer import GPT2_VOCAB, get_encoding
 from tracking import RunLog
@@ -150,7 +151,7 @@ class GPT(nn.Module):
     def __init__(self, config, fused_ce=False):
         super().__init__()
         self.config = config
-        self.fused_loss = fused_loss_skipped_by_compile() if fused_ce else None  # fused_ce.py
+        self.fused_loss = fused_loss_for_model() if fused_ce else None  # fused_ce.py
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -158,8 +159,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (as GPT-2 did): the token embedding and the output projection are
-        # one matrix, which saves 38M parameters at 124M
+        # weight tying, as GPT-2: the token embedding and output projection are one 38M matrix
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
@@ -251,16 +251,15 @@ class GPT(nn.Module):
         sd_hf = {k: v for k, v in hf.state_dict().items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
         if set(sd) != set(sd_hf):
-            raise ValueError(f"{name_or_path}: keys differ from GPT-2's: "
-                             f"{sorted(set(sd) ^ set(sd_hf))[:5]}")
+            raise PretrainedError(f"{name_or_path} is not GPT-2: its keys differ from GPT-2's "
+                                  f"{sorted(set(sd) ^ set(sd_hf))[:5]}; give a GPT-2 model")
         for k, w in sd_hf.items():
-            # OpenAI's checkpoint uses a "Conv1D" module, a Linear with its weight stored
-            # transposed
+            # OpenAI's checkpoint has "Conv1D" modules: Linears with their weights transposed
             if k.endswith(CONV1D_WEIGHTS):
                 w = w.t()
             if w.shape != sd[k].shape:
-                raise ValueError(f"{name_or_path}: {k} has shape {tuple(w.shape)}, "
-                                 f"expected {tuple(sd[k].shape)}")
+                raise PretrainedError(f"{name_or_path}: {k} has shape {tuple(w.shape)}, GPT-2's "
+                                      f"is {tuple(sd[k].shape)}; give a GPT-2 model")
             with torch.no_grad():
                 sd[k].copy_(w)
         return model
@@ -461,6 +460,86 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + coeff * (max_lr - min_lr)
 
 # -----------------------------------------------------------------------------
+# The run's set-up: the data, the model, its optimizer, and where a resume starts
+
+
+@dataclass
+class Run:
+    """What the training loop works with; start_run() builds it."""
+    cfg: object  # config.TrainConfig
+    env: DistEnv
+    raw_model: GPT  # the plain module, for evaluation, sampling and state_dict()
+    model: nn.Module  # what trains: raw_model compiled and/or wrapped in DDP
+    eval_model: nn.Module  # compiled, not DDP: the val loss has training's shapes
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoaderLite
+    val_loader: DataLoaderLite
+    val_windows: int
+    grad_accum_steps: int
+    dtype: str  # "bf16", "fp16" or "fp32"
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a no-op) otherwise
+    hella_examples: list
+    enc: object
+    log: RunLog  # log.txt, and TensorBoard and W&B where asked (tracking.py)
+    start_step: int = 0
+    val_loss: float = None
+    start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
+    skipped_steps: int = 0  # steps the GradScaler skipped for an inf or NaN gradient
+    run_id: str = dataclasses.field(default_factory=new_run_id)  # a resume keeps its run's
+
+
+def build_model(cfg, env, policy, verbose=False):
+    """A fresh GPT of cfg's shape on env's device -> (it, it compiled or not, its AdamW):
+    what start_run trains, and what --batch-size auto's probe tries."""
+    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
+                    fused_ce=cfg.fused_ce).to(env.device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
+                                               verbose=verbose, fused=policy.fused_adamw)
+    return raw_model, torch.compile(raw_model) if policy.compile else raw_model, optimizer
+
+
+def start_run(cfg, env, policy, ckpt):
+    """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
+    barrier = dist.barrier if env.ddp else None  # waits for every rank
+    fineweb.prepare_run_data(cfg, env.master, barrier)
+    torch.manual_seed(cfg.seed)  # every device's generator: the same weights on every rank
+    if env.device_type == "cuda":
+        # TF32 for fp32 matmuls (10 bits of mantissa instead of 23): the lecture's 3x
+        torch.set_float32_matmul_precision("high")
+    B, T = cfg.batch_size, cfg.seq_len
+    grad_accum_steps = cfg.total_batch_size // (B * T * env.world_size)
+    env.print0(f"total batch {cfg.total_batch_size:,} tokens = {B} x {T} x {env.world_size} "
+               f"ranks x {grad_accum_steps} micro steps")
+    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, env.rank, env.world_size,
+                                  shuffle=cfg.shuffle, seed=cfg.seed, vocab_size=cfg.vocab_size,
+                                  pin_memory=policy.pin_memory)
+    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, env.rank, env.world_size,
+                                vocab_size=cfg.vocab_size)
+
+    raw_model, eval_model, optimizer = build_model(cfg, env, policy, verbose=env.master)
+    env.print0(f"model: {num_params(raw_model):,} parameters")
+    env.print0(f"device {env.device}: {policy.describe()}")
+    model = eval_model
+    if env.ddp:
+        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+    scaler = torch.amp.GradScaler(env.device_type, enabled=policy.grad_scaler)
+    run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
+              val_windows(cfg, len(val_loader)), grad_accum_steps, policy.dtype, scaler,
+              hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
+              RunLog(cfg.log_dir, env.master))
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["train_loader"])
+        set_rng_state(ckpt["rng"], env.device_type, env.rank)
+        run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
+        run.start_evaluated = ckpt.get("evaluated", True)
+        run.skipped_steps = load_scaler(scaler, ckpt.get("scaler"))
+        run.log.trim(run.start_step, keep_evaluations=run.start_evaluated)
+    return run
+
+# -----------------------------------------------------------------------------
 # The training loop, and what it does along the way
 
 
@@ -502,31 +581,6 @@ def print_samples(model, enc, prompt, num_samples, max_new_tokens, device, seed,
                          generator=gen)
     for i in range(num_samples):
         print(f"sample {i}: {enc.decode(out[i].tolist())}")
-
-
-@dataclass
-class Run:
-    """What the training loop works with; start_run() builds it."""
-    cfg: object  # config.TrainConfig
-    env: DistEnv
-    raw_model: GPT  # the plain module, for evaluation, sampling and state_dict()
-    model: nn.Module  # what trains: raw_model compiled and/or wrapped in DDP
-    eval_model: nn.Module  # compiled, not DDP: the val loss has training's shapes
-    optimizer: torch.optim.Optimizer
-    train_loader: DataLoaderLite
-    val_loader: DataLoaderLite
-    val_windows: int
-    grad_accum_steps: int
-    dtype: str  # "bf16", "fp16" or "fp32"
-    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a no-op) otherwise
-    hella_examples: list
-    enc: object
-    log: RunLog  # log.txt, and TensorBoard and W&B where asked (tracking.py)
-    start_step: int = 0
-    val_loss: float = None
-    start_evaluated: bool = False  # the evaluations of start_step ran before its checkpoint
-    skipped_steps: int = 0  # steps the GradScaler skipped for an inf or NaN gradient
-    run_id: str = dataclasses.field(default_factory=new_run_id)  # a resume keeps its run's
 
 
 def train_step(run, step):
@@ -582,7 +636,7 @@ def save_run(run, step, evaluated=True):
     return path
 
 
-def speed(run, seconds_per_step):
+def throughput(run, seconds_per_step):
     """-> ('N tok/s | MFU x%', the same as {"tokens_per_sec", "mfu"}): tokens over all
     ranks, FLOPs against the cards' bf16 peak (no MFU where that peak is not known)."""
     tokens_per_sec = run.cfg.total_batch_size / seconds_per_step
@@ -593,22 +647,22 @@ def speed(run, seconds_per_step):
     return text, {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
 
 
-def log_step(run, step, loss, norm, lr, dt, clock):
-    eta, scaling = hms(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
-    if run.scaler.is_enabled():  # fp16: the loss scale, and the steps skipped so far
-        scaling = f" | scale {run.scaler.get_scale():g}, {run.skipped_steps} skipped"
-        run.log.write(step, "scale", run.scaler.get_scale())
-        run.log.write(step, "skipped", run.skipped_steps)
-    text, measured = speed(run, dt)
-    record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
-           f"{scaling} | {1000 * dt:.1f} ms | {text} | {clock.elapsed()} elapsed, "
-           f"ETA {eta}", lr=lr, grad_norm=norm, **measured)
-
-
 def record(run, step, stream, value, text, **scalars):
     """A measurement: printed, and a line of log.txt with the scalars beside it (rank 0)."""
     run.env.print0(f"step {step:5d} | {text}")
     run.log.write(step, stream, value, **scalars)
+
+
+def log_step(run, step, loss, norm, lr, dt, clock):
+    eta, scaling = format_duration(clock.per_step(dt) * (run.cfg.max_steps - step - 1)), ""
+    if run.scaler.is_enabled():  # fp16: the loss scale, and the steps skipped so far
+        scaling = f" | scale {run.scaler.get_scale():g}, {run.skipped_steps} skipped"
+        run.log.write(step, "scale", run.scaler.get_scale())
+        run.log.write(step, "skipped", run.skipped_steps)
+    text, measured = throughput(run, dt)
+    record(run, step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
+           f"{scaling} | {1000 * dt:.1f} ms | {text} | {clock.elapsed()} elapsed, "
+           f"ETA {eta}", lr=lr, grad_norm=norm, **measured)
 
 
 def stop_agreed(stop, env):
@@ -619,7 +673,7 @@ def stop_agreed(stop, env):
     return int(flag.item())
 
 
-def every(n, step, last):
+def is_due(n, step, last):
     return n > 0 and (step % n == 0 or last)
 
 
@@ -634,19 +688,19 @@ def train_loop(run):
             # evaluations see the model after `step` updates, outside the step's clock; a
             # resumed run does not repeat those its checkpoint already logged
             fresh = step > run.start_step or not run.start_evaluated
-            if fresh and every(cfg.eval_every, step, last):
+            if fresh and is_due(cfg.eval_every, step, last):
                 run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_windows,
                                              env, run.dtype)
                 first_val = run.val_loss if first_val is None else first_val
                 record(run, step, "val", run.val_loss, f"val loss {run.val_loss:.4f}")
-            if fresh and run.hella_examples and every(cfg.hellaswag_every, step, last):
+            if fresh and run.hella_examples and is_due(cfg.hellaswag_every, step, last):
                 acc, n = evaluate_hellaswag(run.raw_model, run.hella_examples, env, run.dtype,
                                             run.enc)
                 record(run, step, "hella", acc, f"HellaSwag acc_norm {acc:.4f} ({n} examples)")
-            if env.master and fresh and step > 0 and every(cfg.sample_every, step, last):
+            if env.master and fresh and step > 0 and is_due(cfg.sample_every, step, last):
                 print_samples(run.raw_model, run.enc, "Hello, I'm a language model,", 4, 32,
                               env.device, seed=42 + step)
-            if fresh and step > 0 and (last or every(cfg.checkpoint_every, step, False)):
+            if fresh and step > 0 and (last or is_due(cfg.checkpoint_every, step, False)):
                 save_run(run, step)
             if last:
                 break
@@ -655,8 +709,7 @@ def train_loop(run):
             loss, norm, lr = train_step(run, step)
             if env.device_type == "cuda":
                 torch.cuda.synchronize()  # wait for the GPU before reading the clock
-            dt = time.time() - t0
-            loss = loss.item()
+            dt, loss = time.time() - t0, loss.item()
             if not math.isfinite(loss) and run.skipped_steps == skipped:  # no scaler saved it
                 raise UserError(f"the loss is {loss} at step {step}: training diverged; the "
                                 "newest checkpoint is the last good one (lower --max-lr and "
@@ -671,66 +724,15 @@ def train_loop(run):
 
     if clock.steps:
         env.print0(f"average over {clock.steps} timed steps: {clock.per_step(0) * 1000:.1f} "
-                   f"ms/step, {speed(run, clock.per_step(0))[0].replace(' |', ',')}")
+                   f"ms/step, {throughput(run, clock.per_step(0))[0].replace(' |', ',')}")
     if first_val is not None:
         env.print0(f"val loss: {first_val:.4f} at the first evaluation, {run.val_loss:.4f} "
                    "at the end")
     env.print0(f"done in {clock.elapsed()}")
 
 # -----------------------------------------------------------------------------
-# Setting up a run: the log dir, the data, the model, and where a resume starts
-
-
-def build_model(cfg, env, policy, verbose=False):
-    """A fresh GPT of cfg's shape on env's device -> (it, it compiled or not, its AdamW):
-    what start_run trains, and what --batch-size auto's probe tries."""
-    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd),
-                    fused_ce=cfg.fused_ce).to(env.device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type,
-                                               verbose=verbose, fused=policy.fused_adamw)
-    return raw_model, torch.compile(raw_model) if policy.compile else raw_model, optimizer
-
-
-def start_run(cfg, env, policy, ckpt):
-    """Everything the loop needs, from scratch or from the checkpoint `ckpt`."""
-    barrier = dist.barrier if env.ddp else None  # waits for every rank
-    fineweb.prepare_run_data(cfg, env.master, barrier)
-    torch.manual_seed(cfg.seed)  # every device's generator: the same weights on every rank
-    if env.device_type == "cuda":
-        # TF32 for fp32 matmuls (10 bits of mantissa instead of 23): the lecture's 3x
-        torch.set_float32_matmul_precision("high")
-    B, T = cfg.batch_size, cfg.seq_len
-    grad_accum_steps = cfg.total_batch_size // (B * T * env.world_size)
-    env.print0(f"total batch {cfg.total_batch_size:,} tokens = {B} x {T} x {env.world_size} "
-               f"ranks x {grad_accum_steps} micro steps")
-    train_loader = DataLoaderLite(cfg.data_dir, "train", B, T, env.rank, env.world_size,
-                                  shuffle=cfg.shuffle, seed=cfg.seed, vocab_size=cfg.vocab_size,
-                                  pin_memory=policy.pin_memory)
-    val_loader = DataLoaderLite(cfg.data_dir, "val", B, T, env.rank, env.world_size,
-                                vocab_size=cfg.vocab_size)
-
-    raw_model, eval_model, optimizer = build_model(cfg, env, policy, verbose=env.master)
-    env.print0(f"model: {num_params(raw_model):,} parameters")
-    env.print0(f"device {env.device}: {policy.describe()}")
-    model = eval_model
-    if env.ddp:
-        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
-    scaler = torch.amp.GradScaler(env.device_type, enabled=policy.grad_scaler)
-    run = Run(cfg, env, raw_model, model, eval_model, optimizer, train_loader, val_loader,
-              val_windows(cfg, len(val_loader)), grad_accum_steps, policy.dtype, scaler,
-              hellaswag.load_for_training(cfg, env.master, barrier), get_encoding(),
-              RunLog(cfg.log_dir, env.master))
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["train_loader"])
-        set_rng_state(ckpt["rng"], env.device_type, env.rank)
-        run.start_step, run.val_loss, run.run_id = ckpt["step"], ckpt["val_loss"], ckpt["run_id"]
-        run.start_evaluated = ckpt.get("evaluated", True)
-        run.skipped_steps = load_scaler(scaler, ckpt.get("scaler"))
-        run.log.trim(run.start_step, keep_evaluations=run.start_evaluated)
-    return run
+# A training run, in each process that torchrun starts: set up, then the loop; and main:
+# train, resume, or one of the commands that use a checkpoint
 
 
 def train(cfg, ckpt=None):
@@ -744,13 +746,14 @@ def train(cfg, ckpt=None):
     try:
         policy = run_policy(env.device_type, cfg.dtype, cfg.compile)
         cfg.dtype = policy.dtype  # the checkpoint keeps what the run trains in
+        check_config(cfg, env.world_size, env.device_type)  # before auto's probe builds a model
         if cfg.batch_size == "auto":  # the largest micro-batch that fits (device.py)
             cfg.batch_size, line = fit_micro_batch(
                 lambda: build_model(cfg, env, policy)[1:], preset_micro_batch(cfg.preset),
                 cfg.seq_len, cfg.total_batch_size, env.device_type, env.device, cfg.dtype,
                 env.world_size)
             env.print0(line)
-        check_config(cfg, env.world_size, env.device_type)
+            check_batch(cfg, env.world_size)
         if env.master:
             lock = open_log_dir(cfg.log_dir, ckpt["run_id"] if ckpt else None)
         run = start_run(cfg, env, policy, ckpt)
@@ -764,9 +767,6 @@ def train(cfg, ckpt=None):
             lock.release()
         if env.ddp:
             dist.destroy_process_group()
-
-# -----------------------------------------------------------------------------
-# main: train, resume, or one of the commands that use a checkpoint
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from checkpoint import PretrainedError
 from conftest import tiny_hf_gpt2
 from train_gpt2 import GPT, GPTConfig, KVCache, flops_per_token, num_params
 
@@ -74,7 +75,7 @@ def test_from_pretrained_rejects_other_shapes(tmp_path):
     hf = tiny_hf_gpt2(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100,
                       n_inner=100)
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="mlp.c_fc.weight has shape"):
+    with pytest.raises(PretrainedError, match="mlp.c_fc.weight has shape"):
         GPT.from_pretrained(str(tmp_path))
 
 

@@ -39,21 +39,21 @@ def offline_env(tmp_path):
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
 
 
-def test_unreachable(closed_port):
-    reason = common.unreachable(f"http://127.0.0.1:{closed_port}/x")
+def test_why_unreachable(closed_port):
+    reason = common.why_unreachable(f"http://127.0.0.1:{closed_port}/x")
     assert reason.startswith(f"127.0.0.1:{closed_port}: ")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        assert common.unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x") is None
-    assert common.unreachable("file:///etc/hostname") is None
+        assert common.why_unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x") is None
+    assert common.why_unreachable("file:///etc/hostname") is None
 
 
 def test_hf_hub_offline_means_unreachable_without_asking(monkeypatch):
     refuse_network(monkeypatch, AssertionError("HF_HUB_OFFLINE is set, yet a connection was "
                                                "attempted"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert common.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    assert common.why_hub_unreachable() == "HF_HUB_OFFLINE is set"
 
 
 def test_from_pretrained_without_hub(hub_at_closed_port):

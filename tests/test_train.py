@@ -83,6 +83,18 @@ def test_a_resumed_run_is_checked_too():
         config.resume_config(saved, {}, "model_00010.pt")
 
 
+def test_batch_size_auto_is_checked_before_its_probe_builds_a_model():
+    # on CUDA, --batch-size auto builds models to probe memory: the model's shape is
+    # refused first, in one line, and the micro-batch once the probe has chosen it
+    cfg, _ = config.parse_config(TINY + ["--batch-size", "auto", "--n-head", "3"])
+    with pytest.raises(UserError, match="^--n-embd 32 is not divisible by --n-head 3$"):
+        config.check_config(cfg)
+    cfg = dataclasses.replace(cfg, n_head=2, total_batch_size=1000)
+    config.check_config(cfg)  # the total batch waits for the chosen micro-batch
+    with pytest.raises(UserError, match="^--total-batch-size 1000 is not divisible by B"):
+        config.check_batch(dataclasses.replace(cfg, batch_size=2))
+
+
 def test_valid_but_suspicious_configurations_warn_and_run(capsys):
     cfg, _ = config.parse_config(["--preset", "shakespeare", "--max-steps", "20"])
     config.check_config(cfg)
