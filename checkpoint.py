@@ -21,6 +21,7 @@ import random
 import re
 import secrets
 import shlex
+import signal
 import sys
 import tempfile
 import zipfile
@@ -225,6 +226,9 @@ def lost_rank_error(e, log_dir):
     cause = next((s for s in PEER_LOST if s in str(e)), None)
     if cause is None and not isinstance(e, dist.DistError):
         return None
+    # torchrun stops the surviving ranks with SIGTERM as soon as it sees one die: this
+    # rank is ending anyway, and first says what was kept
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     steps = [entry[0] for line in open_or_empty(os.path.join(log_dir, "log.txt"))
              if (entry := parse_log_line(line)) and entry[1] == "train"]
     newest = newest_intact(log_dir)
@@ -479,7 +483,12 @@ def load_pretrained(hf_class, name_or_path, hint):
     local = (os.path.isdir(name_or_path) or os.path.isabs(name_or_path)
              or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1)
     offline = None if local else why_hub_unreachable()
+    import huggingface_hub.constants as hub
+    was_offline = hub.HF_HUB_OFFLINE
     try:
+        # offline for every file transformers looks for, also those it asks the hub about
+        # despite local_files_only (a PEFT adapter's config, where peft is installed)
+        hub.HF_HUB_OFFLINE = was_offline or offline is not None
         return hf_class.from_pretrained(name_or_path, local_files_only=offline is not None)
     except (OSError, ValueError) as e:
         if offline:
@@ -488,6 +497,8 @@ def load_pretrained(hf_class, name_or_path, hint):
                                   f"{hint}") from None
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise PretrainedError(f"could not load model {name_or_path!r}: {first.strip()}") from None
+    finally:
+        hub.HF_HUB_OFFLINE = was_offline
 
 
 def export_hf(model, out_dir):
