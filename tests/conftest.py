@@ -11,10 +11,33 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
+
+# Under pytest-xdist (`-n 2`, as the README runs the suite) each worker has a core of its
+# own: one thread per process, the scripts the tests start included, or two workers'
+# threads would wait for each other at every op. Set before torch is imported.
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The tests that take longest, started first: with --dist worksteal, the other worker
+# takes the short ones meanwhile, and no long test is left to run alone at the end.
+LONGEST_FIRST = ["test_steps.py::test_every_step_runs",
+                 "test_readme.py::test_readme_commands_run_in_order",
+                 "test_distributed.py::test_interrupts_under_torchrun_then_resume_is_bitwise_identical",
+                 "test_lm_eval.py::test_lm_eval_scores_the_export_as_we_do",
+                 "test_train.py::test_shakespeare_preset_end_to_end",
+                 "test_precision.py::test_fp16_sigkill_then_resume_is_bitwise_identical",
+                 "test_tracking.py::test_tensorboard_and_wandb_hold_log_txt_across_a_rewind",
+                 "test_distributed.py::test_hellaswag_is_split_across_ranks"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))
 
 # Without a GPU, fused_ce.py's Triton kernels run in Triton's interpreter (test_fused_ce.py).
 # Triton reads the switch once, when it is first imported, and transformers' models and
