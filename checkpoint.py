@@ -204,6 +204,11 @@ def what_was_kept(log_dir):
     return "no checkpoint was saved yet", "run again"
 
 
+def log_write_error(e, log_path):
+    """The UserError for an OSError while writing log.txt: what it was, what is kept."""
+    return UserError(os_error_message(e, log_path, *what_was_kept(os.path.dirname(log_path))))
+
+
 def run_failure(e, log_dir, ddp, B, T):
     """The UserError for a RuntimeError of a training run at micro-batch B x T that the
     user can act on: memory ran out (building the model or in a step), or, under torchrun,
@@ -349,8 +354,7 @@ def log_line(log_path, step, stream, value):
         with open(log_path, "a") as f:
             f.write(f"{step} {stream} {value}\n")  # repr: the shortest text that reads back exactly
     except OSError as e:  # a full disk; a log dir made read-only under a running run
-        kept = what_was_kept(os.path.dirname(log_path))
-        raise UserError(os_error_message(e, log_path, *kept)) from None
+        raise log_write_error(e, log_path) from None
 
 
 def parse_log_line(line):
@@ -418,8 +422,7 @@ def trim_log(log_path, step, keep_evaluations=True):
         with atomic_write(log_path, "w") as f:
             f.writelines(keep)
     except OSError as e:
-        kept = what_was_kept(os.path.dirname(log_path))
-        raise UserError(os_error_message(e, log_path, *kept)) from None
+        raise log_write_error(e, log_path) from None
 
 # -----------------------------------------------------------------------------
 # GPT-2 in Hugging Face's layout. OpenAI's checkpoint uses a "Conv1D" module for these: a

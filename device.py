@@ -109,12 +109,6 @@ def device_policy(device_type, has_bf16=False, capability=None, dtype="auto"):
                         grad_scaler=dtype == "fp16")
 
 
-def policy_here(device_type, dtype="auto"):
-    """device_policy for this machine's device of that type."""
-    capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
-    return device_policy(device_type, bf16_native(device_type), capability, dtype)
-
-
 def use_huge_pages():
     """Have PyTorch's CPU allocator back tensors of 2 MB and more with 2 MB pages.
 
@@ -143,8 +137,10 @@ def peak_flops(device_type):
 
 
 def run_policy(device_type, dtype="auto", compile=None):
-    """policy_here, with --compile or --no-compile on top of the device's default."""
-    policy = policy_here(device_type, dtype)
+    """device_policy for this machine's device of that type, with --compile or
+    --no-compile on top of the device's default."""
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" else None
+    policy = device_policy(device_type, bf16_native(device_type), capability, dtype)
     return policy if compile is None else dataclasses.replace(policy, compile=compile)
 
 
