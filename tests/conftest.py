@@ -1,11 +1,14 @@
 """Shared pieces of the tests: the repository root on sys.path, the small models and
 argument lists they train, token shards and jsonl files, a network that refuses, and
 running the real scripts in a subprocess. Each helper is here once."""
+import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -143,12 +146,52 @@ def start(args, **popen_kwargs):
 
 
 def run(args, timeout=300, cwd=None, env=None, check=True):
-    """python ARGS... in the repository root; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable] + list(map(str, args)), cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    """python ARGS... in the repository root (or cwd); returns the CompletedProcess.
+
+    A script, or -c code, runs in a fork of tests/warm_python.py, which has imported torch
+    already, when its environment agrees with that Python's in what torch and its
+    libraries read at import; anything else starts a new Python."""
+    args = [str(a) for a in args]
+    env = dict(os.environ if env is None else env)
+    if (args[0] == "-c" or args[0].endswith(".py")) and reads_as_warm_python(env):
+        proc = run_warm(args, cwd or ROOT, env, timeout)
+    else:
+        proc = subprocess.run([sys.executable] + args, cwd=cwd or ROOT, capture_output=True,
+                              text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@functools.cache
+def warm_python():
+    """This pytest process's warm Python (tests/warm_python.py), started on first use with
+    the environment of that moment; it ends when its stdin closes, with pytest."""
+    import warm_python as warm
+    return (subprocess.Popen([sys.executable, warm.__file__], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ)),
+            dict(os.environ), warm.READ_AT_IMPORT)
+
+
+def reads_as_warm_python(env):
+    _, warm_env, read_at_import = warm_python()
+    names = {k for k in set(env) | set(warm_env) if k.startswith(read_at_import)}
+    return all(env.get(k) == warm_env.get(k) for k in names)
+
+
+def run_warm(args, cwd, env, timeout):
+    server, _, _ = warm_python()
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        server.stdin.write(json.dumps({"argv": args, "cwd": str(cwd), "env": env,
+                                       "stdout": out, "stderr": err, "timeout": timeout}) + "\n")
+        server.stdin.flush()
+        status = json.loads(server.stdout.readline())["status"]
+        with open(out) as f, open(err) as g:
+            stdout, stderr = f.read(), g.read()
+    if status == -signal.SIGALRM:
+        raise subprocess.TimeoutExpired([sys.executable] + args, timeout, stdout, stderr)
+    return subprocess.CompletedProcess([sys.executable] + args, status, stdout, stderr)
 
 
 def torchrun(extra, args, new_session=False):

