@@ -148,12 +148,12 @@ def start(args, **popen_kwargs):
 def run(args, timeout=300, cwd=None, env=None, check=True):
     """python ARGS... in the repository root (or cwd); returns the CompletedProcess.
 
-    A script, or -c code, runs in a fork of tests/warm_python.py, which has imported torch
-    already, when its environment agrees with that Python's in what torch and its
-    libraries read at import; anything else starts a new Python."""
+    A script, -c code or -m module runs in a fork of tests/warm_python.py, which has
+    imported torch already, when its environment agrees with that Python's in what torch
+    and its libraries read at import; anything else starts a new Python."""
     args = [str(a) for a in args]
     env = dict(os.environ if env is None else env)
-    if (args[0] == "-c" or args[0].endswith(".py")) and reads_as_warm_python(env):
+    if (args[0] in ("-c", "-m") or args[0].endswith(".py")) and reads_as_warm_python(env):
         proc = run_warm(args, cwd or ROOT, env, timeout)
     else:
         proc = subprocess.run([sys.executable] + args, cwd=cwd or ROOT, capture_output=True,

@@ -74,12 +74,17 @@ def run_in_fork(argv, cwd, stdout, stderr=None, env=None, timeout=300):
 
 
 def run_as_main(argv):
-    """ARGV (SCRIPT ARGS..., or -c CODE ARGS...) as `python` runs it -> its exit status."""
+    """ARGV (SCRIPT ARGS..., -c CODE ARGS... or -m MODULE ARGS...) as `python` runs it ->
+    its exit status."""
     try:
         if argv[0] == "-c":
             sys.argv = ["-c"] + argv[2:]
             sys.path[0] = ""
             exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        elif argv[0] == "-m":
+            sys.argv = [argv[1]] + argv[2:]  # runpy puts the module's path first
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(argv)
             sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
