@@ -76,15 +76,16 @@ def get_encoding():
     vocab_path, encoder_path = _data_files()
     merges = _read_checked(vocab_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
     encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
-    alphabet = _byte_alphabet()
-    ranks = {bytes(alphabet[c] for c in token): i for token, i in encoder.items()
+    # a spelled token's bytes: each character to the byte it stands for (str.translate
+    # does the whole vocabulary in a third of the time of a loop over characters)
+    to_byte = {ord(c): b for c, b in _byte_alphabet().items()}
+    ranks = {token.translate(to_byte).encode("latin-1"): i for token, i in encoder.items()
              if token != "<|endoftext|>"}
     # tiktoken merges pairs in rank order, so a token's id must be its merge priority:
     # the 256 single bytes first, then the i-th line of vocab.bpe is token 256 + i.
     assert len(ranks) == 256 + len(merges) == EOT
     for i, line in enumerate(merges):
-        first, second = line.split(" ")
-        merged = bytes(alphabet[c] for c in first + second)
+        merged = line.replace(" ", "").translate(to_byte).encode("latin-1")
         assert ranks[merged] == 256 + i, f"vocab.bpe line {i + 2} disagrees with encoder.json"
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
