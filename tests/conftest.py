@@ -26,6 +26,8 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import warm_python  # noqa: E402  (imports nothing heavy)
+
 # The tests that take longest, started first: with --dist worksteal, the other worker
 # takes the short ones meanwhile, and no long test is left to run alone at the end.
 LONGEST_FIRST = ["test_steps.py::test_every_step_runs",
@@ -164,23 +166,24 @@ def run(args, timeout=300, cwd=None, env=None, check=True):
 
 
 @functools.cache
-def warm_python():
-    """This pytest process's warm Python (tests/warm_python.py), started on first use with
-    the environment of that moment; it ends when its stdin closes, with pytest."""
-    import warm_python as warm
-    return (subprocess.Popen([sys.executable, warm.__file__], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=dict(os.environ)),
-            dict(os.environ), warm.READ_AT_IMPORT)
+def warm_server():
+    """This pytest process's warm Python (tests/warm_python.py) and its environment: started
+    on first use with the environment of that moment, it ends when its stdin closes, with
+    pytest."""
+    env = dict(os.environ)
+    return subprocess.Popen([sys.executable, warm_python.__file__], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE), env
 
 
 def reads_as_warm_python(env):
-    _, warm_env, read_at_import = warm_python()
-    names = {k for k in set(env) | set(warm_env) if k.startswith(read_at_import)}
+    _, warm_env = warm_server()
+    names = {k for k in set(env) | set(warm_env)
+             if k.startswith(warm_python.READ_AT_IMPORT)}
     return all(env.get(k) == warm_env.get(k) for k in names)
 
 
 def run_warm(args, cwd, env, timeout):
-    server, _, _ = warm_python()
+    server, _ = warm_server()
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         server.stdin.write(json.dumps({"argv": args, "cwd": str(cwd), "env": env,
