@@ -228,12 +228,13 @@ class GPT(nn.Module):
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
-                    # keep the top_k most likely tokens (huggingface's pipeline default is 50)
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                # a draw among the top_k likeliest tokens (huggingface's pipeline default is
+                # 50; None for all), which is fast too: multinomial over 50,257 takes 1 ms a row
+                top_k = min(top_k or logits.size(-1), logits.size(-1))
+                logits, candidates = torch.topk(logits, top_k)  # (B, top_k) each
                 probs = F.softmax(logits, dim=-1)
                 next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+                next_id = torch.gather(candidates, -1, next_id)  # the token ids
             idx = torch.cat((idx, next_id), dim=1)
         self.train(was_training)
         return idx

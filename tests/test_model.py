@@ -104,6 +104,20 @@ def test_kv_cache_sampling_equals_plain_loop_with_same_seed():
     assert cached.max().item() < 50257  # never a padded vocabulary row
 
 
+def test_sampling_draws_among_the_top_k():
+    # each drawn token is one of the top_k likeliest after its prefix, and top_k=1 is greedy
+    model = small_model()
+    idx = torch.randint(0, 50257, (3, 4), generator=torch.Generator().manual_seed(8))
+    out = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])
+    top5 = torch.topk(logits[:, 3:, :50257], 5).indices  # (3, 12, 5)
+    assert (top5 == out[:, 4:, None]).any(dim=-1).all()
+    assert not (top5[..., 0] == out[:, 4:]).all()  # not greedy: a draw
+    assert torch.equal(model.generate(idx, 12, top_k=1, generator=torch.Generator()),
+                       model.generate(idx, 12, temperature=0))
+
+
 def test_kv_cache_logits_match_full_forward():
     model = small_model()
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(5))
