@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 import hellaswag
 from hellaswag import (HellaSwagError, HellaSwagFormatError, evaluate, load_examples, predict,
@@ -27,6 +26,8 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_model(hf_dir):
+    from transformers import GPT2LMHeadModel  # here: its import costs every worker seconds
+
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     return lambda idx: hf(idx, use_cache=False).logits
 
