@@ -21,7 +21,6 @@ import pytest
 XDIST = "PYTEST_XDIST_WORKER" in os.environ
 if XDIST:
     os.environ["OMP_NUM_THREADS"] = "1"
-import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,11 +43,18 @@ def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))
 
-# Without a GPU, fused_ce.py's Triton kernels run in Triton's interpreter (test_fused_ce.py).
-# Triton reads the switch once, when it is first imported, and transformers' models and
-# torch.compile import it early, so it is set here, before any test module is imported.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+
+def pytest_collection(session):
+    # Without a GPU, fused_ce.py's Triton kernels run in Triton's interpreter
+    # (test_fused_ce.py). Triton reads the switch once, when it is first imported, and
+    # transformers' models and torch.compile import it early: so it is set here, before
+    # any test module is imported. (Not when this module is imported: pytest-xdist's
+    # controller, which collects and runs no test, then starts its workers without
+    # waiting a second and a half for torch.)
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 # A GPT small enough that a training step takes milliseconds on a CPU; the flags go on
 # top of the gpt2 preset, so the code path is the real one.
@@ -85,6 +91,7 @@ def tiny_hf_gpt2(seed=0, **shape):
     """A randomly initialised transformers GPT2LMHeadModel with GPT-2's vocabulary, 2
     layers of 64 unless shape says otherwise: what the tests load where a user loads
     OpenAI's weights, which are out of reach here."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
