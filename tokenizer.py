@@ -70,12 +70,19 @@ def _byte_alphabet():
     return table
 
 
+def _encoder_and_merges():
+    """encoder.json as {spelled token: id}, and vocab.bpe's merge lines ("Ġ t") in rank
+    order, both files checked."""
+    vocab_path, encoder_path = _data_files()
+    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
+    merges = _read_checked(vocab_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
+    return encoder, merges
+
+
 @functools.lru_cache(maxsize=None)
 def get_encoding():
     """Returns a tiktoken.Encoding identical to tiktoken.get_encoding("gpt2")."""
-    vocab_path, encoder_path = _data_files()
-    merges = _read_checked(vocab_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
-    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
+    encoder, merges = _encoder_and_merges()
     # a spelled token's bytes: each character to the byte it stands for (str.translate
     # does the whole vocabulary in a third of the time of a loop over characters)
     to_byte = {ord(c): b for c, b in _byte_alphabet().items()}
@@ -94,9 +101,7 @@ def bpe_tokens_and_merges():
     """GPT-2's tokens as encoder.json spells them (each byte a printable character), in id
     order, and its merges as vocab.bpe lists them ("Ġ t"), in rank order: the tokenizer
     that a GGUF file carries (gguf_export.py)."""
-    vocab_path, encoder_path = _data_files()
-    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
-    merges = _read_checked(vocab_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:-1]
+    encoder, merges = _encoder_and_merges()
     return sorted(encoder, key=encoder.get), merges
 
 
